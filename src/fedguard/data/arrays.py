@@ -1,0 +1,67 @@
+"""In-memory datasets: the one data type the engine trains on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+@dataclass
+class ArrayDataset:
+    """Examples held as two tensors: inputs ``x`` (N, ...) float32 and labels ``y`` (N,) int64.
+
+    Image inputs are (N, C, H, W) scaled to [0, 1]. Holding data as tensors lets a client
+    slice batches without a DataLoader and lets worker processes share it copy-on-write.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    name: str = "data"
+
+    def __post_init__(self) -> None:
+        if self.x.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"dataset {self.name!r}: {self.x.shape[0]} inputs but {self.y.shape[0]} labels; "
+                "every input needs exactly one label"
+            )
+        if not torch.is_floating_point(self.x):
+            raise ValueError(f"dataset {self.name!r}: inputs must be floating point, got {self.x.dtype}")
+        if not bool(torch.isfinite(self.x).all()):
+            raise ValueError(f"dataset {self.name!r}: inputs contain NaN or infinite values")
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def subset(self, indices: np.ndarray | torch.Tensor | list[int], name: str | None = None) -> ArrayDataset:
+        """The examples at ``indices``, in that order."""
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        return ArrayDataset(self.x[idx], self.y[idx], name or self.name)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Labels as a numpy array (what partitioners work on)."""
+        return self.y.numpy()
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max().item()) + 1 if len(self) else 0
+
+    @classmethod
+    def from_torch(cls, dataset: Dataset, name: str = "user") -> ArrayDataset:
+        """Materialise any map-style ``torch.utils.data.Dataset`` of (input, label) pairs."""
+        xs, ys = [], []
+        for i in range(len(dataset)):  # type: ignore[arg-type]
+            item = dataset[i]
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(
+                    f"dataset {name!r}: item {i} is {type(item).__name__}; fedguard expects "
+                    "(input, label) pairs"
+                )
+            xs.append(torch.as_tensor(item[0], dtype=torch.float32))
+            ys.append(int(item[1]))
+        if not xs:
+            raise ValueError(f"dataset {name!r} is empty")
+        return cls(torch.stack(xs), torch.tensor(ys, dtype=torch.long), name)
