@@ -1,0 +1,68 @@
+"""Client sampling: who is available in a round and who is picked, reproducibly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedguard.pipeline.base import ConfigurationError
+
+
+def parse_schedule(items: list[str], population: int, what: str) -> dict[int, int]:
+    """'FIRST-LAST@ROUND' strings to {client id: round}."""
+    schedule: dict[int, int] = {}
+    for item in items:
+        try:
+            ids, _, rnd = item.partition("@")
+            first, _, last = ids.partition("-")
+            lo, hi, r = int(first), int(last or first), int(rnd)
+        except ValueError as exc:
+            raise ConfigurationError(f"faults.{what}: {item!r} must look like 'FIRST-LAST@ROUND'") from exc
+        if not (0 <= lo <= hi < population) or r < 1:
+            raise ConfigurationError(
+                f"faults.{what}: {item!r} names clients outside 0..{population - 1} or a round below 1"
+            )
+        schedule.update({cid: r for cid in range(lo, hi + 1)})
+    return schedule
+
+
+@dataclass
+class ClientSampler:
+    """Samples ``count`` clients (or ``fraction`` of the available ones) per round.
+
+    Clients in ``join`` are available from their round on; clients in ``leave`` are gone
+    from their round on. The choice depends only on (seed, round, availability).
+    """
+
+    population: int
+    count: int = 0
+    fraction: float = 1.0
+    seed: int = 0
+    join: dict[int, int] = field(default_factory=dict)
+    leave: dict[int, int] = field(default_factory=dict)
+
+    def available(self, round: int) -> list[int]:
+        """Clients that can be sampled in ``round``."""
+        return [
+            c for c in range(self.population) if self.join.get(c, 0) <= round and self.leave.get(c, round + 1) > round
+        ]
+
+    def per_round(self, available: int) -> int:
+        """How many clients a round with ``available`` clients samples."""
+        wanted = self.count if self.count else max(1, round(self.fraction * available))
+        return min(wanted, available)
+
+    def sample(self, round: int) -> list[int]:
+        """Sorted ids of the clients sampled in ``round``."""
+        pool = self.available(round)
+        k = self.per_round(len(pool))
+        if k == len(pool):
+            return pool
+        rng = np.random.default_rng([self.seed, round])
+        return sorted(int(c) for c in rng.choice(pool, size=k, replace=False))
+
+    @property
+    def sampling_rate(self) -> float:
+        """Probability that a given client is sampled in a round (for privacy accounting)."""
+        return self.per_round(self.population) / self.population

@@ -1,0 +1,174 @@
+"""The federated server loop, the same for every runtime.
+
+Each round: sample clients, broadcast the global model (plus what the pipeline's steps
+need), let the aggregator collect and combine the updates through the communicator, apply
+server steps and the server optimiser, account for privacy, and evaluate every k rounds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedguard.algorithms.sampling import ClientSampler
+from fedguard.data.arrays import ArrayDataset
+from fedguard.messages import Message
+from fedguard.pipeline.base import ServerContext, UpdatePipeline
+from fedguard.runtime.base import Communicator, client_generator
+from fedguard.tasks.base import Task
+from fedguard.types import Params
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round: the row written to metrics.jsonl."""
+
+    round: int
+    sampled: int
+    completed: int
+    failed: dict[int, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    round_s: float = 0.0
+    eval_s: float = 0.0
+    aborted: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        """Flat JSON-ready row."""
+        return {
+            "round": self.round,
+            "sampled_clients": self.sampled,
+            "completed_clients": self.completed,
+            "failed_clients": {str(k): v for k, v in sorted(self.failed.items())},
+            **self.metrics,
+            **self.privacy,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "round_s": round(self.round_s, 4),
+            "eval_s": round(self.eval_s, 4),
+            "seconds": round(self.round_s + self.eval_s, 4),
+            "aborted": self.aborted,
+        }
+
+
+class Server:
+    """Holds the global model and runs rounds through a communicator."""
+
+    def __init__(
+        self,
+        task: Task,
+        model: nn.Module,
+        pipeline: UpdatePipeline,
+        sampler: ClientSampler,
+        comm: Communicator,
+        test_data: ArrayDataset | None,
+        seed: int = 0,
+        min_clients: int = 1,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        pipeline.validate()
+        self.task, self.model, self.pipeline = task, model, pipeline
+        self.sampler, self.comm, self.test_data = sampler, comm, test_data
+        self.seed, self.min_clients, self.log = seed, min_clients, log
+        self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        self.round = 0
+
+    def broadcast(self, round: int, clients: list[int]) -> dict[int, Message]:
+        """The fit instruction for each sampled client."""
+        meta: dict[str, Any] = {}
+        for step in self.pipeline.client_steps:
+            step.configure(round, meta)
+        return {cid: Message("fit", round, cid, dict(meta), self.params) for cid in clients}
+
+    def run_round(self, round: int, evaluate: bool) -> RoundRecord:
+        """Run one round; the model changes only if enough clients completed it."""
+        start = time.perf_counter()
+        sent0, recv0 = self.comm.traffic.snapshot()
+        sampled = self.sampler.sample(round)
+        ctx = ServerContext(
+            round,
+            sampled,
+            [],
+            self.sampler.population,
+            client_generator(self.seed, round, -1, "server"),
+            self.log,
+        )
+        result = self.pipeline.aggregator.aggregate(self.comm, round, self.broadcast(round, sampled), self.params, ctx)
+        ctx.completed = result.completed
+        aborted = result.aborted
+        if aborted is None and len(result.completed) < self.min_clients:
+            aborted = f"only {len(result.completed)} clients completed, min_clients is {self.min_clients}"
+        if aborted is None and result.delta is not None:
+            for step in self.pipeline.client_steps:
+                step.observe_replies(result.replies, ctx)
+            delta = result.delta
+            for server_step in self.pipeline.server_steps:
+                delta = server_step.apply(delta, ctx)
+            self.params = self.pipeline.server_optimizer.step(self.params, delta)
+            self.pipeline.ledger.record_round(ctx, result.replies)
+        else:
+            self.log(f"round {round} aborted, global model unchanged: {aborted}")
+        self.round = round
+        sent1, recv1 = self.comm.traffic.snapshot()
+        record = RoundRecord(
+            round,
+            len(sampled),
+            len(result.completed),
+            result.failed,
+            {
+                "train_loss": result.metrics.get("train_loss", float("nan")),
+                **{f"client_{k}": v for k, v in result.metrics.items() if k != "train_loss"},
+            },
+            self.pipeline.ledger.report(),
+            sent1 - sent0,
+            recv1 - recv0,
+            time.perf_counter() - start,
+            0.0,
+            aborted,
+        )
+        if evaluate and self.test_data is not None:
+            t0 = time.perf_counter()
+            record.metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
+            record.eval_s = time.perf_counter() - t0
+        return record
+
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics for the current global model on the held-out data."""
+        assert self.test_data is not None
+        return self.task.evaluate(self.model, self.params, self.test_data)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: model, optimiser, step and ledger state, round."""
+        return {
+            "round": self.round,
+            "params": self.params,
+            "server_optimizer": self.pipeline.server_optimizer.state_dict(),
+            "client_steps": [s.state_dict() for s in self.pipeline.client_steps],
+            "server_steps": [s.state_dict() for s in self.pipeline.server_steps],
+            "ledger": self.pipeline.ledger.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.round = int(state["round"])
+        self.params = {k: v.clone() for k, v in state["params"].items()}
+        self.pipeline.server_optimizer.load_state_dict(state["server_optimizer"])
+        for step, s in zip(self.pipeline.client_steps, state["client_steps"], strict=True):
+            step.load_state_dict(s)
+        for step, s in zip(self.pipeline.server_steps, state["server_steps"], strict=True):
+            step.load_state_dict(s)
+        self.pipeline.ledger.load_state_dict(state["ledger"])
+
+
+def load_params_into(model: nn.Module, params: Params) -> None:
+    """Copy ``params`` into the model's parameters in place."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(params[name])

@@ -1,0 +1,317 @@
+"""The Python API: one object that runs a whole federated experiment, as the CLI does.
+
+    from fedguard import Experiment
+    result = Experiment(overrides=["run.rounds=5"]).run()
+
+A user brings their own model, loss and data with ``Experiment(model=..., loss_fn=...,
+train=..., test=...)``; the built-in tasks go through the same path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedguard import builders, plugins  # noqa: F401  (plugins registers families)
+from fedguard.algorithms.sampling import ClientSampler, parse_schedule
+from fedguard.checkpoint import load_state, save_state
+from fedguard.config import Config
+from fedguard.data.arrays import ArrayDataset
+from fedguard.data.partition import label_matrix, partition
+from fedguard.data.registry import load_dataset
+from fedguard.engine import Server
+from fedguard.pipeline.base import ConfigurationError
+from fedguard.report.markdown import write_report
+from fedguard.report.metrics import MetricsWriter, read_metrics
+from fedguard.report.partition_plot import plot_label_heatmap
+from fedguard.report.progress import RunProgress, print_summary
+from fedguard.runtime.base import FaultModel
+from fedguard.runtime.client import ClientApp
+from fedguard.runtime.simulation import (
+    SerialCommunicator,
+    WorkerPoolCommunicator,
+    default_workers,
+    temp_state_dir,
+)
+from fedguard.runtime.state_store import DirectoryStateStore, MemoryStateStore
+from fedguard.tasks.base import Task
+from fedguard.tasks.classification import ClassificationTask
+
+
+@dataclass
+class RunResult:
+    """What a finished run left behind."""
+
+    run_dir: Path
+    rows: list[dict[str, Any]]
+    final: dict[str, Any]
+    params: dict[str, torch.Tensor]
+    stopped_early: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_array_dataset(data: ArrayDataset | Dataset | None, name: str) -> ArrayDataset | None:
+    if data is None or isinstance(data, ArrayDataset):
+        return data
+    return ArrayDataset.from_torch(data, name)
+
+
+class Experiment:
+    """A federated run assembled from a :class:`Config` and, optionally, the user's own parts.
+
+    ``model``/``loss_fn`` make a classification task from any ``nn.Module``; ``task`` takes
+    any :class:`Task`; ``train``/``test`` take an :class:`ArrayDataset` or any map-style
+    ``torch.utils.data.Dataset`` of (input, label); ``partitions`` fixes each client's
+    example indices instead of the configured partitioner.
+    """
+
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        overrides: list[str] | None = None,
+        model: nn.Module | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        task: Task | None = None,
+        train: ArrayDataset | Dataset | None = None,
+        test: ArrayDataset | Dataset | None = None,
+        partitions: list[np.ndarray] | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config or Config()
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigurationError(f"override {item!r} must look like section.key=value")
+            self.config.set(key.strip(), value.strip())
+        if model is not None and task is not None:
+            raise ConfigurationError("give either model (with loss_fn) or task, not both")
+        if model is not None:
+            template = copy.deepcopy(model)
+            kwargs = {"loss_fn": loss_fn} if loss_fn is not None else {}
+            task = ClassificationTask(lambda: copy.deepcopy(template), **kwargs)
+        self.user_task = task
+        self.train = _as_array_dataset(train, "train")
+        self.test = _as_array_dataset(test, "test")
+        if (self.train is None) != (self.test is None):
+            raise ConfigurationError("give both train and test datasets, or neither")
+        self.partitions = partitions
+        self._log_fn = log
+        self._log_lines: list[str] = []
+
+    # -- assembly -------------------------------------------------------------------------
+    def log(self, text: str) -> None:
+        """Record a line in the run log (and print it when not showing a progress bar)."""
+        self._log_lines.append(text)
+        if self._log_fn is not None:
+            self._log_fn(text)
+
+    def load_data(self) -> tuple[ArrayDataset, ArrayDataset]:
+        """The configured (or given) train and test sets."""
+        if self.train is not None and self.test is not None:
+            train, test = self.train, self.test
+        else:
+            d = self.config.data
+            train, test = load_dataset(d.dataset, d.data_dir or None, download=d.download)
+        n = self.config.data.max_train_examples
+        if n and n < len(train):
+            train = train.subset(np.arange(n), train.name)
+        return train, test
+
+    def make_partitions(self, train: ArrayDataset) -> list[np.ndarray]:
+        """Each client's example indices."""
+        if self.partitions is not None:
+            parts = [np.asarray(p, dtype=np.int64) for p in self.partitions]
+            if self.config.data.num_clients != len(parts):
+                self.config.set("data.num_clients", len(parts))
+            return parts
+        d = self.config.data
+        kwargs: dict[str, Any] = {}
+        if d.partition in ("dirichlet", "quantity"):
+            kwargs["alpha"] = d.alpha
+        if d.partition == "shards":
+            kwargs["shards_per_client"] = d.shards_per_client
+        return partition(train.labels, d.num_clients, d.partition, self.config.run.seed, **kwargs)
+
+    def make_sampler(self) -> ClientSampler:
+        """Per-round client sampling with the configured join/leave schedule."""
+        s, f, n = self.config.server, self.config.faults, self.config.data.num_clients
+        return ClientSampler(
+            n,
+            s.clients_per_round,
+            s.fraction,
+            self.config.run.seed,
+            parse_schedule(f.join, n, "join"),
+            parse_schedule(f.leave, n, "leave"),
+        )
+
+    def workers(self, per_round: int) -> int:
+        """How many client worker processes to use."""
+        value = self.config.run.workers
+        if value == "auto":
+            return default_workers(per_round)
+        try:
+            count = int(value)
+        except ValueError as exc:
+            raise ConfigurationError(f"run.workers: {value!r} must be 'auto' or a whole number") from exc
+        if count < 1:
+            raise ConfigurationError("run.workers: must be at least 1")
+        return count
+
+    # -- running --------------------------------------------------------------------------
+    def run(self, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunResult:
+        """Run every round, write the run folder, return the result."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        train, test = self.load_data()
+        parts = self.make_partitions(train)
+        client_data = [train.subset(p, f"client-{i}") for i, p in enumerate(parts)]
+        empty = [i for i, p in enumerate(parts) if len(p) == 0]
+        if empty:
+            raise ConfigurationError(f"clients {empty[:5]} got no examples; use fewer clients or a larger alpha")
+        task = self.user_task or builders.build_task(cfg, train)
+        model = builders.seeded_model(task, cfg.run.seed)
+        sampler = self.make_sampler()
+        bctx = builders.BuildContext(cfg, train, [len(p) for p in parts], sampler, task, self.log)
+        trainer = builders.build_trainer(bctx)
+        pipeline = builders.build_pipeline(bctx)
+
+        run_dir = Path(resume) if resume else Path(run_dir or self._new_run_dir())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(cfg.to_toml())
+        self._write_partition(run_dir, train, parts)
+
+        n_workers = self.workers(sampler.per_round(sampler.population))
+        state_dir = temp_state_dir()
+        store_factory = (lambda: DirectoryStateStore(state_dir)) if n_workers > 1 else MemoryStateStore
+        store = store_factory()
+        seed = cfg.run.seed
+
+        def make_client(cid: int) -> ClientApp:
+            if not 0 <= cid < len(client_data):
+                raise ValueError(f"unknown client {cid}")
+            return ClientApp(cid, task, model, client_data[cid], trainer, pipeline, seed, store)
+
+        faults = FaultModel(cfg.faults.dropout_rate, seed, (cfg.faults.dropout_stage,))
+        comm = (
+            WorkerPoolCommunicator(make_client, n_workers, faults, cost=lambda c: len(parts[c]))
+            if n_workers > 1
+            else SerialCommunicator(make_client, faults)
+        )
+        server = Server(task, model, pipeline, sampler, comm, test, seed, cfg.server.min_clients, self.log)
+        first_round = 1
+        if resume:
+            server.load_state_dict(load_state(run_dir))
+            first_round = server.round + 1
+        t_ready = time.perf_counter()
+        try:
+            result = self._loop(server, run_dir, first_round, bool(resume), train, test, task, model)
+        finally:
+            comm.close()
+            shutil.rmtree(state_dir, ignore_errors=True)
+        result.timings.update({"startup_s": t_ready - t_start, "total_s": time.perf_counter() - t_start})
+        return result
+
+    def _loop(
+        self,
+        server: Server,
+        run_dir: Path,
+        first: int,
+        append: bool,
+        train: ArrayDataset,
+        test: ArrayDataset,
+        task: Task,
+        model: nn.Module,
+    ) -> RunResult:
+        cfg = self.config
+        rounds, every = cfg.run.rounds, cfg.run.eval_every
+        writer = MetricsWriter(run_dir / "metrics.jsonl", append=append)
+        progress = RunProgress(rounds, first, task.primary_metric, enabled=cfg.run.progress)
+        stopped: str | None = None
+        try:
+            with progress:
+                for r in range(first, rounds + 1):
+                    if server.pipeline.ledger.would_exceed_budget(r):
+                        stopped = f"privacy budget: round {r} would exceed it; stopped after round {r - 1}"
+                        self.log(stopped)
+                        break
+                    evaluate = r == rounds or (every > 0 and r % every == 0)
+                    record = server.run_round(r, evaluate)
+                    row = record.row()
+                    writer.write(row)
+                    progress.update(row)
+                    if cfg.run.checkpoint_every and r % cfg.run.checkpoint_every == 0:
+                        save_state(run_dir, server.state_dict())
+        finally:
+            writer.close()
+            save_file({k: v.contiguous() for k, v in server.params.items()}, str(run_dir / "model.safetensors"))
+            (run_dir / "log.txt").write_text("\n".join(self._log_lines) + "\n")
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        final = self._finish(server, run_dir, rows, train, test, task, model, stopped)
+        return RunResult(run_dir, rows, final, server.params, stopped)
+
+    def _finish(
+        self,
+        server: Server,
+        run_dir: Path,
+        rows: list[dict[str, Any]],
+        train: ArrayDataset,
+        test: ArrayDataset,
+        task: Task,
+        model: nn.Module,
+        stopped: str | None,
+    ) -> dict[str, Any]:
+        final: dict[str, Any] = {f"test_{k}": v for k, v in server.evaluate().items()}
+        final.update(task.final_metrics(model, server.params, train, test))
+        final.update(server.pipeline.ledger.report())
+        final["rounds"] = server.round
+        final["total_bytes_sent"] = sum(r["bytes_sent"] for r in rows)
+        final["total_bytes_received"] = sum(r["bytes_received"] for r in rows)
+        final["median_round_s"] = float(np.median([r["round_s"] for r in rows])) if rows else 0.0
+        if stopped:
+            final["stopped"] = stopped
+        (run_dir / "summary.json").write_text(json.dumps(final, indent=1, default=str))
+        if self.config.run.report:
+            figures = task.report_figures(model, server.params, test, run_dir / "plots", "final")
+            figures = [("Label distribution per client", run_dir / "plots" / "partition.png"), *figures]
+            write_report(run_dir, rows, final, figures, self.config.to_toml(), task.primary_metric)
+        print_summary(final, run_dir, enabled=self.config.run.progress)
+        return final
+
+    def _new_run_dir(self) -> Path:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(self.config.run.out_dir) / f"{self.config.run.name}-{stamp}"
+        path, i = base, 1
+        while path.exists():
+            path, i = Path(f"{base}-{i}"), i + 1
+        return path
+
+    def _write_partition(self, run_dir: Path, train: ArrayDataset, parts: list[np.ndarray]) -> None:
+        classes = max(train.num_classes, 1)
+        matrix = label_matrix(train.labels, parts, classes)
+        (run_dir / "plots").mkdir(exist_ok=True)
+        plot_label_heatmap(matrix, run_dir / "plots" / "partition.png")
+        (run_dir / "partition.json").write_text(
+            json.dumps({"sizes": [len(p) for p in parts], "label_counts": matrix.tolist()})
+        )
+
+
+def run_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunResult:
+    """Load a TOML configuration, apply overrides, run it."""
+    return Experiment(Config.load(path, overrides)).run()

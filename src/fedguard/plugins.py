@@ -1,0 +1,9 @@
+"""Imports every mechanism family so that each registers its config section and builders.
+
+A family registers itself on import through :func:`fedguard.config.register_section` and the
+hook lists in :mod:`fedguard.builders`; add one import line here per family.
+"""
+
+from __future__ import annotations
+
+import fedguard.builders  # noqa: F401

@@ -1,0 +1,79 @@
+"""The run report: report.md with the configuration, a summary and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedguard.report.plots import plot_curves
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    summary: dict[str, Any],
+    figures: list[tuple[str, Path]],
+    config_toml: str,
+    primary_metric: str,
+) -> Path:
+    """Write report.md (and its plots under plots/) into ``run_dir``."""
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    metric_keys = sorted({k for r in rows for k in r if k.startswith("test_")})
+    loss_keys = ["train_loss"] + [k for k in metric_keys if "loss" in k or "nll" in k]
+    other = [k for k in metric_keys if k not in loss_keys]
+    made: list[tuple[str, Path | None]] = [
+        ("Test metrics per round", plot_curves(rows, other, plots / "metrics.png", "Test metrics", "value")),
+        ("Loss per round", plot_curves(rows, loss_keys, plots / "loss.png", "Loss", "loss")),
+        ("Privacy spent per round", plot_curves(rows, ["epsilon"], plots / "epsilon.png", "Privacy", "epsilon")),
+    ]
+    lines = ["# fedguard run report", "", "## Summary", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
+    lines += ["", "## Curves", ""]
+    for caption, path in made:
+        if path is not None:
+            lines += [f"### {caption}", "", f"![{caption}]({path.relative_to(run_dir)})", ""]
+    if figures:
+        lines += ["## Pictures", ""]
+        for caption, path in figures:
+            lines += [f"### {caption}", "", f"![{caption}]({Path(path).relative_to(run_dir)})", ""]
+    lines += [
+        "## Rounds",
+        "",
+        _round_table(rows, primary_metric),
+        "",
+        "## Configuration",
+        "",
+        "```toml",
+        config_toml.strip(),
+        "```",
+        "",
+    ]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _round_table(rows: list[dict[str, Any]], primary: str) -> str:
+    keys = [
+        "round",
+        "sampled_clients",
+        "completed_clients",
+        "train_loss",
+        f"test_{primary}",
+        "epsilon",
+        "bytes_sent",
+        "bytes_received",
+        "seconds",
+    ]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(k, "")) if r.get(k) is not None else "" for k in keys) + " |")
+    return "\n".join(out)

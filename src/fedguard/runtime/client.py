@@ -1,0 +1,80 @@
+"""The client application: answers the server's messages using its own data only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedguard.data.arrays import ArrayDataset
+from fedguard.messages import Message
+from fedguard.pipeline.base import ClientContext, UpdatePipeline
+from fedguard.runtime.base import client_generator
+from fedguard.runtime.state_store import MemoryStateStore, StateStore
+from fedguard.tasks.base import Task
+
+Handler = Callable[[Message, ClientContext], Message]
+
+
+class UnknownMessage(ValueError):
+    """A message kind this client does not answer."""
+
+
+class ClientApp:
+    """One party: trains on its local data and runs the client side of the pipeline.
+
+    The same object serves the simulation (inside a worker process) and a real client
+    process; it only ever sees messages addressed to it.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        task: Task,
+        model: nn.Module,
+        data: ArrayDataset,
+        trainer: Any,
+        pipeline: UpdatePipeline,
+        seed: int,
+        store: StateStore | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.task, self.model, self.data = task, model, data
+        self.trainer, self.pipeline, self.seed = trainer, pipeline, seed
+        self.store = store or MemoryStateStore()
+        self.handlers: dict[str, Handler] = {"fit": self._fit, **pipeline.client_handlers()}
+
+    def handle(self, msg: Message) -> Message:
+        """Answer one message from the server."""
+        if msg.client_id != self.client_id:
+            raise ValueError(f"message for client {msg.client_id} delivered to client {self.client_id}")
+        handler = self.handlers.get(msg.kind)
+        if handler is None:
+            raise UnknownMessage(f"client does not answer {msg.kind!r}; known: {sorted(self.handlers)}")
+        ctx = self._context(msg)
+        reply = handler(msg, ctx)
+        self.store.save(self.client_id, ctx.state)
+        return reply
+
+    def _context(self, msg: Message) -> ClientContext:
+        return ClientContext(
+            client_id=self.client_id,
+            round=msg.round,
+            num_examples=len(self.data),
+            generator=client_generator(self.seed, msg.round, self.client_id, msg.kind),
+            instructions=msg.meta,
+            state=self.store.load(self.client_id),
+        )
+
+    def _fit(self, msg: Message, ctx: ClientContext) -> Message:
+        global_params = {k: v.float() for k, v in msg.tensors.items()}
+        trained, metrics = self.task.local_train(self.model, global_params, self.data, self.trainer, ctx.generator)
+        with torch.no_grad():
+            update = {k: trained[k] - global_params[k] for k in global_params}
+        for step in self.pipeline.client_steps:
+            update = step.apply(update, ctx)
+        payload, meta = self.pipeline.aggregator.client_finalize(update, ctx)
+        reply_meta = {"num_examples": len(self.data), "metrics": metrics, **ctx.reply_meta, **meta}
+        return Message("fit_result", msg.round, self.client_id, reply_meta, payload)
