@@ -28,14 +28,18 @@ class ArrayDataset:
                 "every input needs exactly one label"
             )
         if not torch.is_floating_point(self.x):
-            raise ValueError(f"dataset {self.name!r}: inputs must be floating point, got {self.x.dtype}")
+            raise ValueError(
+                f"dataset {self.name!r}: inputs must be floating point, got {self.x.dtype}"
+            )
         if not bool(torch.isfinite(self.x).all()):
             raise ValueError(f"dataset {self.name!r}: inputs contain NaN or infinite values")
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def subset(self, indices: np.ndarray | torch.Tensor | list[int], name: str | None = None) -> ArrayDataset:
+    def subset(
+        self, indices: np.ndarray | torch.Tensor | list[int], name: str | None = None
+    ) -> ArrayDataset:
         """The examples at ``indices``, in that order."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
         return ArrayDataset(self.x[idx], self.y[idx], name or self.name)
@@ -65,3 +69,34 @@ class ArrayDataset:
         if not xs:
             raise ValueError(f"dataset {name!r} is empty")
         return cls(torch.stack(xs), torch.tensor(ys, dtype=torch.long), name)
+
+
+_LAYOUTS = ("NHW", "NHWC", "NCHW")
+
+
+def from_uint8_images(
+    images: np.ndarray, labels: np.ndarray, name: str, layout: str = "NHW"
+) -> ArrayDataset:
+    """An :class:`ArrayDataset` from uint8 pixels (0..255) and integer labels.
+
+    ``layout`` names the axes of ``images``: ``"NHW"`` (grey), ``"NHWC"`` (channels last)
+    or ``"NCHW"``. Inputs become float32 (N, C, H, W) in [0, 1]; labels become int64 (N,).
+    """
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+    if images.dtype != np.uint8:
+        raise ValueError(f"dataset {name!r}: expected uint8 pixels, got {images.dtype}")
+    if images.ndim != len(layout):
+        raise ValueError(
+            f"dataset {name!r}: layout {layout} needs {len(layout)}-d images, "
+            f"got shape {images.shape}"
+        )
+    if layout == "NHW":
+        images = images[:, None, :, :]
+    elif layout == "NHWC":
+        images = images.transpose(0, 3, 1, 2)
+    pixels = np.ascontiguousarray(images, dtype=np.float32)
+    pixels /= 255.0
+    x = torch.from_numpy(pixels)
+    y = torch.from_numpy(np.asarray(labels).astype(np.int64, copy=True))
+    return ArrayDataset(x, y, name)
