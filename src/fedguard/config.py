@@ -42,6 +42,7 @@ class RunConfig:
     progress: bool = option(True, "Show the live progress bar.")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every k rounds (0: never).", min=0)
     report: bool = option(True, "Write report.md with plots at the end of the run.")
+    baseline: str = option("none", "Also run the centralized baseline (one client, all data, same passes) and compare.", choices=["none", "centralized"])
 
 
 @dataclass

@@ -35,7 +35,7 @@ from fedguard.data.partition import label_matrix, partition
 from fedguard.data.registry import load_dataset
 from fedguard.engine import Server
 from fedguard.pipeline.base import ConfigurationError
-from fedguard.report.markdown import write_report
+from fedguard.report.markdown import write_comparison, write_report
 from fedguard.report.metrics import MetricsWriter, read_metrics
 from fedguard.report.partition_plot import plot_label_heatmap
 from fedguard.report.progress import RunProgress, print_summary
@@ -62,6 +62,46 @@ class RunResult:
     params: dict[str, torch.Tensor]
     stopped_early: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    baseline: RunResult | None = None
+
+
+#: what turns a federated configuration into its centralized baseline
+CENTRALIZED_OVERRIDES: dict[str, Any] = {
+    "data.num_clients": 1,
+    "data.partition": "iid",
+    "server.clients_per_round": 0,
+    "server.fraction": 1.0,
+    "server.min_clients": 1,
+    "faults.dropout_rate": 0.0,
+    "faults.join": [],
+    "faults.leave": [],
+    "run.baseline": "none",
+    "run.workers": "1",
+}
+
+
+@dataclass
+class Setup:
+    """Every part of a run, built from the configuration, before any training."""
+
+    config: Config
+    train: ArrayDataset
+    test: ArrayDataset
+    parts: list[np.ndarray]
+    client_data: list[ArrayDataset]
+    task: Task
+    model: nn.Module
+    sampler: ClientSampler
+    trainer: Any
+    pipeline: Any
+
+    def make_client(self, cid: int, store: Any) -> ClientApp:
+        """Client ``cid`` with its own slice of the data."""
+        if not 0 <= cid < len(self.client_data):
+            raise ValueError(f"unknown client {cid}: this run has clients 0..{len(self.client_data) - 1}")
+        return ClientApp(
+            cid, self.task, self.model, self.client_data[cid], self.trainer, self.pipeline, self.config.run.seed, store
+        )
 
 
 def _as_array_dataset(data: ArrayDataset | Dataset | None, name: str) -> ArrayDataset | None:
@@ -172,16 +212,11 @@ class Experiment:
             raise ConfigurationError("run.workers: must be at least 1")
         return count
 
-    # -- running --------------------------------------------------------------------------
-    def run(self, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunResult:
-        """Run every round, write the run folder, return the result."""
+    def assemble(self) -> Setup:
+        """Build every part of the run from the configuration (no training yet)."""
         cfg = self.config
-        t_start = time.perf_counter()
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
         train, test = self.load_data()
         parts = self.make_partitions(train)
-        client_data = [train.subset(p, f"client-{i}") for i, p in enumerate(parts)]
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
             raise ConfigurationError(f"clients {empty[:5]} got no examples; use fewer clients or a larger alpha")
@@ -191,55 +226,82 @@ class Experiment:
         bctx = builders.BuildContext(cfg, train, [len(p) for p in parts], sampler, task, self.log)
         trainer = builders.build_trainer(bctx)
         pipeline = builders.build_pipeline(bctx)
+        client_data = [train.subset(p, f"client-{i}") for i, p in enumerate(parts)]
+        return Setup(cfg, train, test, parts, client_data, task, model, sampler, trainer, pipeline)
 
+    # -- running --------------------------------------------------------------------------
+    def run(self, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunResult:
+        """Run every round, write the run folder, return the result.
+
+        With ``run.baseline = "centralized"`` the same configuration is then run with one
+        client holding all the data, and the report compares the two.
+        """
+        result = self._run_federated(run_dir, resume)
+        if self.config.run.baseline == "centralized":
+            result.baseline = self._run_centralized(result.run_dir)
+            write_comparison(result.run_dir, result.final, result.baseline.final)
+        return result
+
+    def _run_federated(self, run_dir: str | Path | None, resume: str | Path | None) -> RunResult:
+        cfg = self.config
+        t_start = time.perf_counter()
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        setup = self.assemble()
         run_dir = Path(resume) if resume else Path(run_dir or self._new_run_dir())
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
-        self._write_partition(run_dir, train, parts)
+        self._write_partition(run_dir, setup.train, setup.parts)
 
+        sampler = setup.sampler
         n_workers = self.workers(sampler.per_round(sampler.population))
         state_dir = temp_state_dir()
-        store_factory = (lambda: DirectoryStateStore(state_dir)) if n_workers > 1 else MemoryStateStore
-        store = store_factory()
-        seed = cfg.run.seed
+        store = DirectoryStateStore(state_dir) if n_workers > 1 else MemoryStateStore()
 
         def make_client(cid: int) -> ClientApp:
-            if not 0 <= cid < len(client_data):
-                raise ValueError(f"unknown client {cid}")
-            return ClientApp(cid, task, model, client_data[cid], trainer, pipeline, seed, store)
+            return setup.make_client(cid, store)
 
-        faults = FaultModel(cfg.faults.dropout_rate, seed, (cfg.faults.dropout_stage,))
+        faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
         comm = (
-            WorkerPoolCommunicator(make_client, n_workers, faults, cost=lambda c: len(parts[c]))
+            WorkerPoolCommunicator(make_client, n_workers, faults, cost=lambda c: len(setup.parts[c]))
             if n_workers > 1
             else SerialCommunicator(make_client, faults)
         )
-        server = Server(task, model, pipeline, sampler, comm, test, seed, cfg.server.min_clients, self.log)
+        server = Server(
+            setup.task,
+            setup.model,
+            setup.pipeline,
+            sampler,
+            comm,
+            setup.test,
+            cfg.run.seed,
+            cfg.server.min_clients,
+            self.log,
+        )
         first_round = 1
         if resume:
             server.load_state_dict(load_state(run_dir))
             first_round = server.round + 1
         t_ready = time.perf_counter()
         try:
-            result = self._loop(server, run_dir, first_round, bool(resume), train, test, task, model)
+            result = self._loop(server, run_dir, first_round, bool(resume), setup)
         finally:
             comm.close()
             shutil.rmtree(state_dir, ignore_errors=True)
         result.timings.update({"startup_s": t_ready - t_start, "total_s": time.perf_counter() - t_start})
         return result
 
-    def _loop(
-        self,
-        server: Server,
-        run_dir: Path,
-        first: int,
-        append: bool,
-        train: ArrayDataset,
-        test: ArrayDataset,
-        task: Task,
-        model: nn.Module,
-    ) -> RunResult:
-        cfg = self.config
+    def _run_centralized(self, run_dir: Path) -> RunResult:
+        """The same task, model, training and rounds with one client holding all the data."""
+        base = Config.from_dict(self.config.to_dict())
+        for key, value in CENTRALIZED_OVERRIDES.items():
+            base.set(key, value)
+        self.log("running the centralized baseline (one client, all the data, same passes)")
+        sub = Experiment(base, task=self.user_task, train=self.train, test=self.test, log=self._log_fn)
+        return sub._run_federated(run_dir / "centralized", None)
+
+    def _loop(self, server: Server, run_dir: Path, first: int, append: bool, setup: Setup) -> RunResult:
+        cfg, task = self.config, setup.task
         rounds, every = cfg.run.rounds, cfg.run.eval_every
         writer = MetricsWriter(run_dir / "metrics.jsonl", append=append)
         progress = RunProgress(rounds, first, task.primary_metric, enabled=cfg.run.progress)
@@ -263,20 +325,13 @@ class Experiment:
             save_file({k: v.contiguous() for k, v in server.params.items()}, str(run_dir / "model.safetensors"))
             (run_dir / "log.txt").write_text("\n".join(self._log_lines) + "\n")
         rows = read_metrics(run_dir / "metrics.jsonl")
-        final = self._finish(server, run_dir, rows, train, test, task, model, stopped)
+        final = self._finish(server, run_dir, rows, setup, stopped)
         return RunResult(run_dir, rows, final, server.params, stopped)
 
     def _finish(
-        self,
-        server: Server,
-        run_dir: Path,
-        rows: list[dict[str, Any]],
-        train: ArrayDataset,
-        test: ArrayDataset,
-        task: Task,
-        model: nn.Module,
-        stopped: str | None,
+        self, server: Server, run_dir: Path, rows: list[dict[str, Any]], setup: Setup, stopped: str | None
     ) -> dict[str, Any]:
+        task, model, train, test = setup.task, setup.model, setup.train, setup.test
         final: dict[str, Any] = {f"test_{k}": v for k, v in server.evaluate().items()}
         final.update(task.final_metrics(model, server.params, train, test))
         final.update(server.pipeline.ledger.report())

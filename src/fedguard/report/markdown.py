@@ -77,3 +77,20 @@ def _round_table(rows: list[dict[str, Any]], primary: str) -> str:
     for r in rows:
         out.append("| " + " | ".join(_fmt(r.get(k, "")) if r.get(k) is not None else "" for k in keys) + " |")
     return "\n".join(out)
+
+
+def write_comparison(run_dir: Path, federated: dict[str, Any], centralized: dict[str, Any]) -> Path:
+    """Append a federated-vs-centralized table to report.md and save comparison.json."""
+    import json
+
+    keys = [k for k in federated if k in centralized and isinstance(federated[k], (int, float))]
+    lines = ["", "## Federated vs centralized", "", "| metric | federated | centralized |", "|---|---|---|"]
+    lines += [f"| {k} | {_fmt(federated[k])} | {_fmt(centralized[k])} |" for k in keys]
+    lines += ["", "Centralized: one client holding all the training data, same rounds and local epochs.", ""]
+    report = run_dir / "report.md"
+    with report.open("a") as fh:
+        fh.write("\n".join(lines))
+    (run_dir / "comparison.json").write_text(
+        json.dumps({"federated": federated, "centralized": centralized}, indent=1, default=str)
+    )
+    return report

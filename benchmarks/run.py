@@ -1,0 +1,61 @@
+"""Benchmark entry point: ``python benchmarks/run.py NAME [--quick] [--data-dir DIR]``.
+
+Each ``benchmarks/bench_*.py`` module defines ``BENCHMARKS = {name: function}``; a function
+takes the parsed arguments and returns a dict of figures. The last line printed is one JSON
+object with ``name``, the figures and the resolved configuration under ``config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def discover() -> dict[str, object]:
+    """Every registered benchmark by name."""
+    found: dict[str, object] = {}
+    for path in sorted(HERE.glob("bench_*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        found.update(getattr(module, "BENCHMARKS", {}))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", nargs="?", help="benchmark to run")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks")
+    parser.add_argument("--quick", action="store_true", help="a shrunken run for CI (README figures use full runs)")
+    parser.add_argument(
+        "--data-dir", default=str(HERE.parent.parent / "shared" / "data"), help="folder with mnist/ and fashion-mnist/"
+    )
+    parser.add_argument("--out", default=str(HERE.parent / "bench-out"), help="where runs write their folders")
+    args = parser.parse_args(argv)
+    benches = discover()
+    if args.list or not args.name:
+        for name in sorted(benches):
+            doc = (getattr(benches[name], "__doc__", "") or "").strip().splitlines()
+            print(f"{name:18s} {doc[0] if doc else ''}")
+        return 0
+    if args.name not in benches:
+        print(f"unknown benchmark {args.name!r}; known: {', '.join(sorted(benches))}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    figures = benches[args.name](args)
+    figures.setdefault("name", args.name)
+    figures.setdefault("quick", bool(args.quick))
+    figures.setdefault("bench_wall_s", round(time.time() - t0, 2))
+    print(json.dumps({"name": figures.pop("name"), **figures}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
