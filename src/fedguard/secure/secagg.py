@@ -1,0 +1,972 @@
+"""Secure aggregation: SecAgg (Bonawitz et al., CCS 2017) with the SecAgg+ neighbour graph
+(Bell et al., CCS 2020), semi-honest variant (no signatures / PKI).
+
+Parties and messages
+--------------------
+Every party is an object that holds only its own secrets: :class:`SecAggClient` and
+:class:`SecAggServer`. They interact only through the message dataclasses below, each of which
+converts to ``(meta: dict[str, JSON], tensors: dict[str, np.ndarray])`` with ``to_arrays()`` and
+back with ``from_arrays()`` (see :mod:`fedguard.secure.wire`). The public round parameters are a
+:class:`SecAggConfig` that the server announces (it is a message too).
+
+Stages (client method -> message -> server method -> messages to clients):
+
+0. AdvertiseKeys: ``client.advertise_keys() -> AdvertiseKeys``; each client makes two X25519
+   key pairs, ``c`` (share encryption) and ``s`` (pairwise masks).
+   ``server.receive_keys(msgs) -> {id: KeysBroadcast}`` relays to each client its neighbours'
+   public keys.
+1. ShareKeys: ``client.share_keys(KeysBroadcast) -> ShareKeys``; the client draws a self-mask seed
+   ``b_u`` (32 bytes) and Shamir-shares ``b_u`` and its raw 32-byte ``s`` private key among its
+   neighbours (threshold ``t``, share point = neighbour id + 1). Each pair of shares is encrypted
+   for its recipient with ChaCha20-Poly1305 under ``HKDF(X25519(c_u, c_v))``, with the round seed,
+   sender and recipient bound as associated data. ``server.receive_shares(msgs) ->
+   {id: EncryptedShares}`` only routes the ciphertexts.
+2. MaskedInputCollection: ``client.mask_input(EncryptedShares, vector) -> MaskedInput``; the
+   client quantizes its vector (:mod:`fedguard.secure.quantize`) and adds, modulo ``2^b``,
+   ``PRG(b_u)`` and ``+PRG(s_uv)`` for every neighbour ``v > u`` that shared keys with it,
+   ``-PRG(s_uv)`` for ``v < u``, where ``s_uv = HKDF(X25519(s_u, s_v))`` and the PRG is the
+   ChaCha20 key stream. ``server.receive_masked_inputs(msgs) -> {id: UnmaskRequest}`` adds the
+   masked vectors into one running sum (it never keeps an individual vector).
+3. Unmasking: ``client.unmask(UnmaskRequest) -> UnmaskResponse``; the server tells each survivor
+   which of its neighbours survived and which dropped; the client checks that the two sets are
+   disjoint and cover exactly the neighbours that shared keys with it, then returns its shares of
+   ``b_v`` for surviving and of ``s_v`` for dropped neighbours (never both for one client, and it
+   answers at most one request). ``server.finish(msgs) -> AggregateResult`` rebuilds each
+   secret from ``t`` shares, removes the survivors' self-masks and the pairwise masks between
+   dropped and surviving neighbours, and dequantizes the exact modular sum.
+
+SecAgg+ graph: the clients are placed on a ring in a pseudo-random order derived from the public
+round seed and each is joined to its ``k/2`` predecessors and successors (a Harary graph on a
+random permutation, as in Bell et al.). ``k = n - 1`` is classic SecAgg. Defaults:
+``k = min(n - 1, 3 * ceil(log2 n))`` rounded up to even (22 for 100 clients) and
+``t = floor(k / 2) + 1``; ``t > k / 2`` is enforced, so a server that sends inconsistent
+drop-out lists to different clients cannot collect ``t`` shares of both ``b_u`` and ``s_u``.
+These defaults are heuristics, not the parameters derived in Bell et al.'s analysis; choose ``k``
+from that paper for a given corruption and drop-out rate.
+
+Weighted FedAvg: build the config with ``weighted=True`` and call
+``client.mask_input(msg, update, weight=num_examples)``; the client masks
+``[weight * update..., weight]`` (the weight slot is an exact integer, not quantized; ``clip``
+must bound ``|weight * update|``). ``AggregateResult.total`` is then the sum of
+``weight * update`` and ``AggregateResult.weight_sum`` the sum of weights; ``.mean()`` is the
+weighted average.
+
+Aborts: any party that cannot continue (too few survivors, too few shares for a needed secret,
+an inconsistent server message, a failed authentication) raises :class:`SecAggAbort` with the
+counts involved.
+
+:func:`simulate_round` / :func:`run_secagg_round` drive all parties in one process, passing
+every message through its wire form, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .quantize import Quantizer, reduce_ring, ring_dtype
+from .shamir import SHARE_BYTES, ShamirError, Share, reconstruct_secret, split_secret
+from .wire import WireMessage
+
+__all__ = [
+    "SecAggAbort",
+    "SecAggConfig",
+    "AdvertiseKeys",
+    "KeysBroadcast",
+    "ShareKeys",
+    "EncryptedShares",
+    "MaskedInput",
+    "UnmaskRequest",
+    "UnmaskResponse",
+    "AggregateResult",
+    "SecAggClient",
+    "SecAggServer",
+    "RoundTrace",
+    "default_neighbours",
+    "neighbour_graph",
+    "prg_ring",
+    "encode_input",
+    "make_parties",
+    "simulate_round",
+    "run_secagg_round",
+]
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+SHARE_CT_BYTES = NONCE_BYTES + 2 * SHARE_BYTES + 16  # nonce | ChaCha20-Poly1305(b_y | s_y) | tag
+_MASK_INFO = b"fedguard/secagg/v1/pairwise-mask"
+_SHARE_INFO = b"fedguard/secagg/v1/share-key"
+_GRAPH_INFO = b"fedguard/secagg/v1/graph"
+_MAX_ID = 2**63 - 1
+
+
+class SecAggAbort(RuntimeError):
+    """The round cannot (or must not) continue; the message says why, with the counts."""
+
+
+# ----------------------------------------------------------------------------- primitives
+
+
+def _kdf(shared: bytes, salt: bytes, info: bytes) -> bytes:
+    """HKDF-SHA256 to a 32-byte key."""
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=info).derive(shared)
+
+
+def _exchange(sk: X25519PrivateKey, pk_bytes: bytes, what: str) -> bytes:
+    """X25519 agreement; a malformed or low-order peer key aborts the round."""
+    try:
+        return sk.exchange(X25519PublicKey.from_public_bytes(pk_bytes))
+    except ValueError as exc:
+        raise SecAggAbort(f"invalid public key for {what}: {exc}") from exc
+
+
+def prg_ring(seed: bytes, length: int, bits: int) -> np.ndarray:
+    """Expand a 32-byte seed into ``length`` uniform elements of Z_{2^bits} (ChaCha20 stream)."""
+    dtype = ring_dtype(bits)
+    enc = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    stream = enc.update(bytes(length * dtype.itemsize))
+    out = np.frombuffer(stream, dtype=dtype.newbyteorder("<")).astype(dtype)
+    return reduce_ring(out, bits)
+
+
+def _aad(round_seed: bytes, sender: int, recipient: int) -> bytes:
+    """Associated data binding a share ciphertext to its round, sender and recipient."""
+    return round_seed + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
+
+
+def default_neighbours(n: int) -> int:
+    """Default SecAgg+ degree: ``min(n - 1, 3 * ceil(log2 n))`` (made even below ``n - 1``)."""
+    if n < 2:
+        return 0
+    return _even_degree(3 * math.ceil(math.log2(n)), n)
+
+
+def _even_degree(k: int, n: int) -> int:
+    """Clamp ``k`` to ``n - 1`` and round an odd degree below ``n - 1`` up to even."""
+    k = min(k, n - 1)
+    if k < n - 1 and k % 2 == 1:
+        k = min(k + 1, n - 1)
+    return k
+
+
+def neighbour_graph(client_ids: Sequence[int], k: int, round_seed: bytes) -> dict[int, tuple[int, ...]]:
+    """Harary graph H(n, k) over a seed-derived random order of ``client_ids``.
+
+    ``k >= n - 1`` gives the complete graph (classic SecAgg); otherwise ``k`` must be even.
+    """
+    ids = sorted(client_ids)
+    n = len(ids)
+    if k >= n - 1:
+        return {u: tuple(v for v in ids if v != u) for u in ids}
+    if k % 2:
+        raise ValueError(f"neighbour degree k={k} must be even when k < n - 1")
+
+    def rank(i: int) -> bytes:
+        return hashlib.sha256(_GRAPH_INFO + round_seed + i.to_bytes(8, "big")).digest()
+
+    order = sorted(ids, key=rank)
+    half = k // 2
+    graph = {}
+    for pos, u in enumerate(order):
+        nbrs = {order[(pos + j) % n] for j in range(-half, half + 1) if j}
+        graph[u] = tuple(sorted(nbrs))
+    return graph
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True, eq=False)
+class SecAggConfig(WireMessage):
+    """Public parameters of one round, announced by the server. Build with :meth:`create`.
+
+    Attributes:
+        client_ids: the selected clients (distinct ints in 0..2^63-1).
+        vector_length: length of each client's update vector (before the weight slot).
+        round_seed: 32 public random bytes: graph order, KDF salt, AEAD associated data.
+        neighbours: SecAgg+ degree ``k`` (``n - 1`` = classic SecAgg).
+        threshold: Shamir threshold ``t`` per neighbourhood, ``k/2 < t <= k``.
+        clip: quantization clipping bound (bounds ``|weight * update|`` when weighted).
+        ring_bits: masks and sums live in Z_{2^ring_bits}.
+        max_clients: the quantization scale is chosen so ``max_clients`` inputs cannot wrap.
+        min_survivors: fewest masked inputs the server may aggregate.
+        weighted: append an exact integer weight slot to each masked vector.
+    """
+
+    client_ids: tuple[int, ...]
+    vector_length: int
+    round_seed: bytes
+    neighbours: int
+    threshold: int
+    clip: float = 1.0
+    ring_bits: int = 32
+    max_clients: int = 0
+    min_survivors: int = 2
+    weighted: bool = False
+
+    @classmethod
+    def create(
+        cls,
+        client_ids: Iterable[int],
+        vector_length: int,
+        *,
+        neighbours: int | None = None,
+        threshold: int | None = None,
+        clip: float = 1.0,
+        ring_bits: int = 32,
+        max_clients: int | None = None,
+        min_survivors: int | None = None,
+        weighted: bool = False,
+        round_seed: bytes | None = None,
+    ) -> SecAggConfig:
+        """Fill in defaults (degree, threshold, seed, ...) and validate."""
+        ids = tuple(sorted(int(i) for i in client_ids))
+        n = len(ids)
+        k = default_neighbours(n) if neighbours is None else _even_degree(neighbours, n)
+        t = k // 2 + 1 if threshold is None else threshold
+        return cls(
+            client_ids=ids,
+            vector_length=vector_length,
+            round_seed=secrets.token_bytes(32) if round_seed is None else round_seed,
+            neighbours=k,
+            threshold=t,
+            clip=float(clip),
+            ring_bits=ring_bits,
+            max_clients=n if max_clients is None else max_clients,
+            min_survivors=max(2, t) if min_survivors is None else min_survivors,
+            weighted=weighted,
+        )
+
+    def __post_init__(self) -> None:
+        n, k, t = len(self.client_ids), self.neighbours, self.threshold
+        if n < 2 or len(set(self.client_ids)) != n:
+            raise ValueError("need at least 2 distinct client ids")
+        if any(not 0 <= i <= _MAX_ID for i in self.client_ids):
+            raise ValueError("client ids must be integers in 0..2^63-1")
+        if not 1 <= k <= n - 1 or (k < n - 1 and k % 2):
+            raise ValueError(f"neighbours k={k} must be n-1={n - 1} or an even number below it")
+        if not k / 2 < t <= k:
+            raise ValueError(f"threshold t={t} must satisfy k/2 < t <= k (k={k})")
+        if len(self.round_seed) != 32:
+            raise ValueError("round_seed must be 32 bytes")
+        if self.vector_length < 1:
+            raise ValueError("vector_length must be >= 1")
+        if self.max_clients < n:
+            raise ValueError(f"max_clients={self.max_clients} is below the {n} selected clients")
+        if not 1 <= self.min_survivors <= n:
+            raise ValueError(f"min_survivors must lie in 1..{n}")
+        Quantizer(self.clip, self.ring_bits, self.max_clients)
+
+    @property
+    def quantizer(self) -> Quantizer:
+        """The fixed-point codec shared by all parties."""
+        return Quantizer(self.clip, self.ring_bits, self.max_clients)
+
+    @property
+    def ring_length(self) -> int:
+        """Length of the masked vector (update plus the weight slot if weighted)."""
+        return self.vector_length + (1 if self.weighted else 0)
+
+    @property
+    def max_weight(self) -> int:
+        """Largest per-client weight for which the weight sum cannot wrap."""
+        return ((1 << self.ring_bits) - 1) // self.max_clients
+
+    @cached_property
+    def graph(self) -> dict[int, tuple[int, ...]]:
+        """The public neighbour graph of this round."""
+        return neighbour_graph(self.client_ids, self.neighbours, self.round_seed)
+
+
+def encode_input(
+    config: SecAggConfig,
+    vector: np.ndarray,
+    weight: int | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Quantize a client's vector into the ring, as ``[weight * vector..., weight]`` if weighted."""
+    vec = np.asarray(vector, dtype=np.float64).ravel()
+    if vec.shape[0] != config.vector_length:
+        raise ValueError(f"vector has {vec.shape[0]} values, config says {config.vector_length}")
+    if not config.weighted:
+        if weight is not None:
+            raise ValueError("weight given but the config is not weighted")
+        return config.quantizer.quantize(vec, rng)
+    if weight is None or int(weight) != weight or not 0 <= weight <= config.max_weight:
+        raise ValueError(f"weighted config: weight must be an integer in 0..{config.max_weight}")
+    q = config.quantizer.quantize(vec * weight, rng)
+    return np.concatenate([q, np.array([weight], dtype=q.dtype)])
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+@dataclass(eq=False)
+class AdvertiseKeys(WireMessage):
+    """Stage 0, client -> server: the client's two X25519 public keys (32 bytes each)."""
+
+    sender: int
+    c_pk: bytes
+    s_pk: bytes
+
+
+@dataclass(eq=False)
+class KeysBroadcast(WireMessage):
+    """Stage 0, server -> client: public keys of the recipient's neighbours that advertised.
+
+    ``ids`` int64 (m,), ``c_pks`` and ``s_pks`` uint8 (m, 32).
+    """
+
+    recipient: int
+    ids: np.ndarray
+    c_pks: np.ndarray
+    s_pks: np.ndarray
+
+
+@dataclass(eq=False)
+class ShareKeys(WireMessage):
+    """Stage 1, client -> server: one encrypted share pair per neighbour.
+
+    ``recipients`` int64 (m,), ``ciphertexts`` uint8 (m, SHARE_CT_BYTES).
+    """
+
+    sender: int
+    recipients: np.ndarray
+    ciphertexts: np.ndarray
+
+
+@dataclass(eq=False)
+class EncryptedShares(WireMessage):
+    """Stage 1, server -> client: ciphertexts addressed to the recipient, by sender."""
+
+    recipient: int
+    senders: np.ndarray
+    ciphertexts: np.ndarray
+
+
+@dataclass(eq=False)
+class MaskedInput(WireMessage):
+    """Stage 2, client -> server: the masked, quantized vector (ring dtype, ring_length)."""
+
+    sender: int
+    masked: np.ndarray
+
+
+@dataclass(eq=False)
+class UnmaskRequest(WireMessage):
+    """Stage 3, server -> client: which of the recipient's key-sharing neighbours survived
+    (sent a masked input) and which dropped, plus the total number of survivors."""
+
+    recipient: int
+    survived: np.ndarray
+    dropped: np.ndarray
+    num_survivors: int
+
+
+@dataclass(eq=False)
+class UnmaskResponse(WireMessage):
+    """Stage 3, client -> server: shares of ``b_v`` for surviving and of ``s_v`` for dropped
+    neighbours ``v``; ``*_owners`` int64 (m,), ``*_shares`` uint8 (m, 66)."""
+
+    sender: int
+    b_owners: np.ndarray
+    b_shares: np.ndarray
+    s_owners: np.ndarray
+    s_shares: np.ndarray
+
+
+@dataclass(eq=False)
+class AggregateResult:
+    """Outcome of a round.
+
+    Attributes:
+        total: float64 sum of the survivors' vectors (``weight * update`` when weighted).
+        ring_sum: the exact modular sum of the survivors' quantized inputs (ring dtype).
+        survivors: clients whose masked input is in the sum.
+        dropped: clients that shared keys but sent no masked input.
+        weight_sum: sum of weights (weighted configs), else ``None``.
+    """
+
+    total: np.ndarray
+    ring_sum: np.ndarray
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    weight_sum: int | None = None
+
+    def mean(self) -> np.ndarray:
+        """Weighted mean (weighted configs) or plain mean over survivors."""
+        denom = self.weight_sum if self.weight_sum is not None else len(self.survivors)
+        if not denom:
+            raise ZeroDivisionError("no weight to average over")
+        return self.total / denom
+
+
+def _id_list(arr: np.ndarray, what: str) -> list[int]:
+    """Validate a 1-D integer id array without duplicates; return it as a list."""
+    a = np.asarray(arr)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise SecAggAbort(f"{what}: expected a 1-D integer id array")
+    ids = [int(i) for i in a]
+    if len(set(ids)) != len(ids):
+        raise SecAggAbort(f"{what}: duplicate client ids")
+    return ids
+
+
+def _byte_rows(arr: np.ndarray, rows: int, width: int, what: str) -> np.ndarray:
+    """Validate a (rows, width) uint8 matrix."""
+    a = np.asarray(arr)
+    if a.dtype != np.uint8 or a.shape != (rows, width):
+        raise SecAggAbort(f"{what}: expected uint8 ({rows}, {width}), got {a.dtype} {a.shape}")
+    return a
+
+
+def _ids_array(ids: Iterable[int]) -> np.ndarray:
+    """Sorted int64 id array."""
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- client
+
+
+class SecAggClient:
+    """One client of a SecAgg(+) round; holds only its own keys, seed and received shares."""
+
+    def __init__(self, client_id: int, config: SecAggConfig) -> None:
+        """Join the round announced in ``config`` as ``client_id``."""
+        if client_id not in config.client_ids:
+            raise ValueError(f"client {client_id} is not selected for this round")
+        self.client_id = client_id
+        self.config = config
+        self._neighbours = frozenset(config.graph[client_id])
+        self._stage = 0
+        self._c_sk = X25519PrivateKey.generate()
+        self._s_sk = X25519PrivateKey.generate()
+        self._b_seed = b""
+        self._s_pks: dict[int, bytes] = {}
+        self._aead: dict[int, ChaCha20Poly1305] = {}
+        self._inbox: dict[int, bytes] = {}
+        self._partners: tuple[int, ...] = ()
+
+    @property
+    def neighbours(self) -> frozenset[int]:
+        """This client's neighbours in the public graph."""
+        return self._neighbours
+
+    def _enter(self, stage: int, name: str) -> None:
+        """Enforce the stage order; each stage runs once."""
+        if self._stage != stage:
+            raise SecAggAbort(f"client {self.client_id}: {name} called out of order")
+        self._stage = stage + 1
+
+    def _check_recipient(self, recipient: int) -> None:
+        if recipient != self.client_id:
+            raise SecAggAbort(f"client {self.client_id}: got a message for client {recipient}")
+
+    def _need(self, have: int, what: str) -> None:
+        """Abort when fewer than ``t`` neighbours take part."""
+        if have < self.config.threshold:
+            raise SecAggAbort(
+                f"client {self.client_id}: only {have} of its {len(self._neighbours)} "
+                f"neighbours {what}; threshold is {self.config.threshold}"
+            )
+
+    def advertise_keys(self) -> AdvertiseKeys:
+        """Stage 0: publish the share-encryption and mask public keys."""
+        self._enter(0, "advertise_keys")
+        return AdvertiseKeys(
+            self.client_id,
+            self._c_sk.public_key().public_bytes_raw(),
+            self._s_sk.public_key().public_bytes_raw(),
+        )
+
+    def share_keys(self, msg: KeysBroadcast) -> ShareKeys:
+        """Stage 1: Shamir-share ``b_u`` and ``s_u`` among neighbours, encrypted per recipient."""
+        self._enter(1, "share_keys")
+        self._check_recipient(msg.recipient)
+        ids = _id_list(msg.ids, "key broadcast")
+        c_pks = _byte_rows(msg.c_pks, len(ids), KEY_BYTES, "c keys")
+        s_pks = _byte_rows(msg.s_pks, len(ids), KEY_BYTES, "s keys")
+        if not set(ids) <= self._neighbours:
+            raise SecAggAbort(f"client {self.client_id}: key broadcast lists non-neighbours")
+        self._need(len(ids), "advertised keys")
+        own = [self._c_sk.public_key().public_bytes_raw(), self._s_sk.public_key().public_bytes_raw()]
+        keys = own + [r.tobytes() for r in c_pks] + [r.tobytes() for r in s_pks]
+        if len(set(keys)) != len(keys):
+            raise SecAggAbort(f"client {self.client_id}: public keys are not all distinct")
+        seed = self.config.round_seed
+        for v, c_pk, s_pk in zip(ids, c_pks, s_pks, strict=True):
+            shared = _exchange(self._c_sk, c_pk.tobytes(), f"client {v}")
+            self._aead[v] = ChaCha20Poly1305(_kdf(shared, seed, _SHARE_INFO))
+            self._s_pks[v] = s_pk.tobytes()
+        self._b_seed = secrets.token_bytes(KEY_BYTES)
+        xs = [v + 1 for v in ids]
+        b_shares = split_secret(self._b_seed, self.config.threshold, xs)
+        s_shares = split_secret(self._s_sk.private_bytes_raw(), self.config.threshold, xs)
+        cts = np.empty((len(ids), SHARE_CT_BYTES), dtype=np.uint8)
+        for row, (v, bs, ss) in enumerate(zip(ids, b_shares, s_shares, strict=True)):
+            nonce = secrets.token_bytes(NONCE_BYTES)
+            body = self._aead[v].encrypt(nonce, bs.y_bytes() + ss.y_bytes(), _aad(seed, self.client_id, v))
+            cts[row] = np.frombuffer(nonce + body, dtype=np.uint8)
+        return ShareKeys(self.client_id, np.array(ids, dtype=np.int64), cts)
+
+    def mask_input(
+        self,
+        msg: EncryptedShares,
+        vector: np.ndarray,
+        weight: int | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> MaskedInput:
+        """Stage 2: quantize ``vector`` (see :func:`encode_input`) and add all masks mod 2^b."""
+        self._enter(2, "mask_input")
+        self._check_recipient(msg.recipient)
+        senders = _id_list(msg.senders, "encrypted shares")
+        cts = _byte_rows(msg.ciphertexts, len(senders), SHARE_CT_BYTES, "share ciphertexts")
+        if not set(senders) <= set(self._s_pks):
+            raise SecAggAbort(f"client {self.client_id}: shares from clients without keys")
+        self._need(len(senders), "shared keys")
+        self._inbox = {v: row.tobytes() for v, row in zip(senders, cts, strict=True)}
+        self._partners = tuple(sorted(senders))
+        bits = self.config.ring_bits
+        y = encode_input(self.config, vector, weight, rng)
+        y += prg_ring(self._b_seed, y.shape[0], bits)
+        for v in self._partners:
+            shared = _exchange(self._s_sk, self._s_pks[v], f"client {v}")
+            mask = prg_ring(_kdf(shared, self.config.round_seed, _MASK_INFO), y.shape[0], bits)
+            if self.client_id < v:
+                y += mask
+            else:
+                y -= mask
+        return MaskedInput(self.client_id, reduce_ring(y, bits))
+
+    def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
+        """Stage 3: check the server's survivor/dropout lists, then reveal the matching shares."""
+        self._enter(3, "unmask")
+        self._check_recipient(msg.recipient)
+        survived = set(_id_list(msg.survived, "survivor list"))
+        dropped = set(_id_list(msg.dropped, "dropout list"))
+        if survived & dropped:
+            raise SecAggAbort(
+                f"client {self.client_id}: server lists {sorted(survived & dropped)} as both survived and dropped"
+            )
+        if survived | dropped != set(self._partners):
+            raise SecAggAbort(
+                f"client {self.client_id}: survivor/dropout lists do not match the "
+                f"{len(self._partners)} neighbours that shared keys with it"
+            )
+        if msg.num_survivors < self.config.min_survivors or msg.num_survivors <= len(survived):
+            raise SecAggAbort(
+                f"client {self.client_id}: {msg.num_survivors} survivors claimed, "
+                f"at least {self.config.min_survivors} needed"
+            )
+        b_owners, s_owners = sorted(survived), sorted(dropped)
+        b_rows = [self._open(v)[:SHARE_BYTES] for v in b_owners]
+        s_rows = [self._open(v)[SHARE_BYTES:] for v in s_owners]
+        self._inbox = {}
+        return UnmaskResponse(
+            self.client_id,
+            np.array(b_owners, dtype=np.int64),
+            _rows(b_rows),
+            np.array(s_owners, dtype=np.int64),
+            _rows(s_rows),
+        )
+
+    def _open(self, v: int) -> bytes:
+        """Decrypt the share pair that neighbour ``v`` encrypted for this client."""
+        ct = self._inbox[v]
+        try:
+            return self._aead[v].decrypt(
+                ct[:NONCE_BYTES], ct[NONCE_BYTES:], _aad(self.config.round_seed, v, self.client_id)
+            )
+        except InvalidTag as exc:
+            raise SecAggAbort(
+                f"client {self.client_id}: share ciphertext from client {v} failed authentication"
+            ) from exc
+
+
+def _rows(rows: list[bytes]) -> np.ndarray:
+    """Stack 66-byte share encodings into a (m, 66) uint8 matrix."""
+    out = np.empty((len(rows), SHARE_BYTES), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        out[i] = np.frombuffer(r, dtype=np.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------- server
+
+
+class SecAggServer:
+    """The aggregator: routes messages, sums masked inputs, removes masks, dequantizes."""
+
+    def __init__(self, config: SecAggConfig) -> None:
+        """Serve the round described by ``config``."""
+        self.config = config
+        self._graph = config.graph
+        self._stage = 0
+        self._c_pks: dict[int, bytes] = {}
+        self._s_pks: dict[int, bytes] = {}
+        self._sent_to: dict[int, list[int]] = {}
+        self._partners: dict[int, tuple[int, ...]] = {}
+        self._u3: set[int] = set()
+        self._requests: dict[int, UnmaskRequest] = {}
+        self._sum = np.zeros(config.ring_length, dtype=ring_dtype(config.ring_bits))
+
+    def setup_message(self) -> SecAggConfig:
+        """The round announcement every selected client needs (public)."""
+        return self.config
+
+    def _enter(self, stage: int, name: str) -> None:
+        if self._stage != stage:
+            raise SecAggAbort(f"server: {name} called out of order")
+        self._stage = stage + 1
+
+    def _enough(self, have: int, what: str) -> None:
+        """Abort when fewer than ``min_survivors`` clients are left."""
+        if have < self.config.min_survivors:
+            raise SecAggAbort(
+                f"only {have} of {len(self.config.client_ids)} clients {what}; "
+                f"at least {self.config.min_survivors} needed"
+            )
+
+    def receive_keys(self, msgs: Iterable[AdvertiseKeys]) -> dict[int, KeysBroadcast]:
+        """Stage 0: collect public keys; send each client its live neighbours' keys."""
+        self._enter(0, "receive_keys")
+        for m in msgs:
+            if m.sender not in self._graph or m.sender in self._c_pks:
+                raise SecAggAbort(f"server: unexpected or repeated keys from {m.sender}")
+            if len(m.c_pk) != KEY_BYTES or len(m.s_pk) != KEY_BYTES:
+                raise SecAggAbort(f"server: malformed public keys from {m.sender}")
+            self._c_pks[m.sender], self._s_pks[m.sender] = m.c_pk, m.s_pk
+        self._enough(len(self._c_pks), "advertised keys")
+        out = {}
+        for u in self._c_pks:
+            nbrs = [v for v in self._graph[u] if v in self._c_pks]
+            self._sent_to[u] = nbrs
+            out[u] = KeysBroadcast(
+                u,
+                np.array(nbrs, dtype=np.int64),
+                _key_rows(self._c_pks, nbrs),
+                _key_rows(self._s_pks, nbrs),
+            )
+        return out
+
+    def receive_shares(self, msgs: Iterable[ShareKeys]) -> dict[int, EncryptedShares]:
+        """Stage 1: route encrypted shares to their (still live) recipients."""
+        self._enter(1, "receive_shares")
+        got: dict[int, ShareKeys] = {}
+        for m in msgs:
+            if m.sender not in self._sent_to or m.sender in got:
+                raise SecAggAbort(f"server: unexpected or repeated shares from {m.sender}")
+            recipients = _id_list(m.recipients, f"shares of {m.sender}")
+            if sorted(recipients) != sorted(self._sent_to[m.sender]):
+                raise SecAggAbort(f"server: client {m.sender} did not share with its neighbours")
+            _byte_rows(m.ciphertexts, len(recipients), SHARE_CT_BYTES, f"shares of {m.sender}")
+            got[m.sender] = m
+        self._enough(len(got), "shared keys")
+        inbox: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in got}
+        for u, m in got.items():
+            for v, row in zip(m.recipients.tolist(), m.ciphertexts, strict=True):
+                if v in inbox:
+                    inbox[v].append((u, row))
+        out = {}
+        for v, items in inbox.items():
+            items.sort(key=lambda it: it[0])
+            self._partners[v] = tuple(u for u, _ in items)
+            cts = np.stack([row for _, row in items]) if items else np.empty((0, SHARE_CT_BYTES), np.uint8)
+            out[v] = EncryptedShares(v, np.array(self._partners[v], dtype=np.int64), cts)
+        return out
+
+    def add_masked_input(self, msg: MaskedInput) -> None:
+        """Stage 2: add one masked vector into the running sum (individual vectors are not kept)."""
+        if self._stage != 2:
+            raise SecAggAbort("server: masked input outside the masking stage")
+        if msg.sender not in self._partners or msg.sender in self._u3:
+            raise SecAggAbort(f"server: unexpected or repeated masked input from {msg.sender}")
+        y = np.asarray(msg.masked)
+        if y.dtype != self._sum.dtype or y.shape != self._sum.shape:
+            raise SecAggAbort(
+                f"server: masked input of {msg.sender} is {y.dtype} {y.shape}, "
+                f"expected {self._sum.dtype} {self._sum.shape}"
+            )
+        self._sum += y
+        self._u3.add(msg.sender)
+
+    def receive_masked_inputs(self, msgs: Iterable[MaskedInput]) -> dict[int, UnmaskRequest]:
+        """Stage 2: add all masked inputs, then build the unmasking requests."""
+        for m in msgs:
+            self.add_masked_input(m)
+        return self.unmask_requests()
+
+    def unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """Stage 2 -> 3: check every needed secret is recoverable; ask survivors for shares."""
+        self._enter(2, "unmask_requests")
+        u3, t = self._u3, self.config.threshold
+        self._enough(len(u3), "sent masked inputs")
+        for u, partners in self._partners.items():
+            live = sum(v in u3 for v in partners)
+            needed = u in u3 or live > 0
+            if needed and live < t:
+                secret = "self-mask seed" if u in u3 else "mask key"
+                raise SecAggAbort(
+                    f"cannot rebuild the {secret} of client {u}: only {live} of its neighbours "
+                    f"sent masked inputs, {t} needed ({len(u3)} clients survived overall)"
+                )
+        for u in sorted(u3):
+            partners = self._partners[u]
+            self._requests[u] = UnmaskRequest(
+                u,
+                _ids_array(v for v in partners if v in u3),
+                _ids_array(v for v in partners if v not in u3),
+                len(u3),
+            )
+        return dict(self._requests)
+
+    def finish(self, msgs: Iterable[UnmaskResponse]) -> AggregateResult:
+        """Stage 3: rebuild secrets from the shares, remove the masks, dequantize."""
+        self._enter(3, "finish")
+        b_shares, s_shares = self._collect_shares(msgs)
+        bits, n_len = self.config.ring_bits, self.config.ring_length
+        total = self._sum
+        for u in sorted(self._u3):
+            total -= prg_ring(self._rebuild(b_shares, u, "self-mask seed"), n_len, bits)
+        dropped = sorted(set(self._partners) - self._u3)
+        for v in dropped:
+            live = [u for u in self._partners[v] if u in self._u3]
+            if live:
+                self._remove_pairwise(total, v, live, self._rebuild(s_shares, v, "mask key"))
+        ring_sum = reduce_ring(total, bits)
+        return self._result(ring_sum, tuple(sorted(self._u3)), tuple(dropped))
+
+    def _collect_shares(self, msgs: Iterable[UnmaskResponse]) -> tuple[dict[int, list[Share]], dict[int, list[Share]]]:
+        """Validate responses against the requests and group the shares by owner."""
+        b_shares: dict[int, list[Share]] = {}
+        s_shares: dict[int, list[Share]] = {}
+        seen: set[int] = set()
+        for m in msgs:
+            req = self._requests.get(m.sender)
+            if req is None or m.sender in seen:
+                raise SecAggAbort(f"server: unexpected or repeated unmasking from {m.sender}")
+            seen.add(m.sender)
+            for owners, rows, asked, sink in (
+                (m.b_owners, m.b_shares, req.survived, b_shares),
+                (m.s_owners, m.s_shares, req.dropped, s_shares),
+            ):
+                ids = _id_list(owners, f"unmasking of {m.sender}")
+                if ids != asked.tolist():
+                    raise SecAggAbort(f"server: client {m.sender} answered a different request")
+                rows = _byte_rows(rows, len(ids), SHARE_BYTES, f"shares of {m.sender}")
+                for owner, row in zip(ids, rows, strict=True):
+                    share = _share(m.sender + 1, row.tobytes(), m.sender)
+                    sink.setdefault(owner, []).append(share)
+        return b_shares, s_shares
+
+    def _rebuild(self, shares: dict[int, list[Share]], owner: int, what: str) -> bytes:
+        """Reconstruct one 32-byte secret, or abort with the share counts."""
+        have = shares.get(owner, [])
+        t = self.config.threshold
+        if len(have) < t:
+            raise SecAggAbort(
+                f"cannot rebuild the {what} of client {owner}: {len(have)} shares received, "
+                f"{t} needed ({len(self._u3)} clients survived)"
+            )
+        try:
+            return reconstruct_secret(have, t, KEY_BYTES)
+        except ShamirError as exc:
+            raise SecAggAbort(f"shares of the {what} of client {owner} are inconsistent") from exc
+
+    def _remove_pairwise(self, total: np.ndarray, v: int, live: list[int], s_raw: bytes) -> None:
+        """Cancel the masks that surviving neighbours ``live`` shared with dropped client ``v``."""
+        sk = X25519PrivateKey.from_private_bytes(s_raw)
+        if sk.public_key().public_bytes_raw() != self._s_pks[v]:
+            raise SecAggAbort(f"rebuilt mask key of client {v} does not match its public key")
+        seed, bits = self.config.round_seed, self.config.ring_bits
+        for u in live:
+            shared = _exchange(sk, self._s_pks[u], f"client {u}")
+            mask = prg_ring(_kdf(shared, seed, _MASK_INFO), total.shape[0], bits)
+            if u < v:
+                total -= mask
+            else:
+                total += mask
+
+    def _result(self, ring_sum: np.ndarray, survivors: tuple[int, ...], dropped: tuple[int, ...]) -> AggregateResult:
+        """Dequantize the ring sum (and split off the weight slot)."""
+        q, n = self.config.quantizer, len(survivors)
+        if self.config.weighted:
+            total = q.dequantize_sum(ring_sum[:-1], n)
+            return AggregateResult(total, ring_sum, survivors, dropped, int(ring_sum[-1]))
+        return AggregateResult(q.dequantize_sum(ring_sum, n), ring_sum, survivors, dropped)
+
+
+def _key_rows(keys: Mapping[int, bytes], ids: Sequence[int]) -> np.ndarray:
+    """Stack 32-byte public keys into a (m, 32) uint8 matrix."""
+    out = np.empty((len(ids), KEY_BYTES), dtype=np.uint8)
+    for i, v in enumerate(ids):
+        out[i] = np.frombuffer(keys[v], dtype=np.uint8)
+    return out
+
+
+def _share(x: int, data: bytes, sender: int) -> Share:
+    """Decode a share from a response, aborting on a malformed encoding."""
+    try:
+        return Share.from_y_bytes(x, data)
+    except ShamirError as exc:
+        raise SecAggAbort(f"server: malformed share from client {sender}") from exc
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class RoundTrace:
+    """What :func:`simulate_round` observed.
+
+    Attributes:
+        result: the server's :class:`AggregateResult`.
+        bytes_sent: per client, the wire size of all messages it sent.
+        bytes_received: per client, the wire size of all messages addressed to it.
+        client_seconds: per client, CPU time spent inside its stage methods.
+        server_seconds: time spent inside the server's stage methods.
+        aborted: clients that raised :class:`SecAggAbort` (treated as dropped), with the reason.
+    """
+
+    result: AggregateResult
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    bytes_received: dict[int, int] = field(default_factory=dict)
+    client_seconds: dict[int, float] = field(default_factory=dict)
+    server_seconds: float = 0.0
+    aborted: dict[int, str] = field(default_factory=dict)
+
+
+def make_parties(config: SecAggConfig) -> tuple[dict[int, SecAggClient], SecAggServer]:
+    """One :class:`SecAggClient` per selected id, and the server, for ``config``."""
+    return {u: SecAggClient(u, config) for u in config.client_ids}, SecAggServer(config)
+
+
+class _Transport:
+    """In-process transport: serializes every message (JSON header + raw arrays) on its way,
+    delivers it only to its addressee, and records bytes and time per party."""
+
+    def __init__(self, parties: Mapping[int, SecAggClient], server: SecAggServer) -> None:
+        self.parties = parties
+        self.server = server
+        self.alive = set(parties)
+        self.bytes_sent: dict[int, int] = dict.fromkeys(parties, 0)
+        self.bytes_received: dict[int, int] = dict.fromkeys(parties, 0)
+        self.client_seconds: dict[int, float] = dict.fromkeys(parties, 0.0)
+        self.server_seconds = 0.0
+        self.aborted: dict[int, str] = {}
+
+    @staticmethod
+    def _wire(msg: WireMessage) -> tuple[WireMessage, int]:
+        """Round-trip ``msg`` through its wire form; return the copy and its size in bytes."""
+        meta, tensors = msg.to_arrays()
+        header = json.dumps(meta)
+        size = len(header) + sum(int(t.nbytes) for t in tensors.values())
+        copy = type(msg).from_arrays(json.loads(header), {k: v.copy() for k, v in tensors.items()})
+        return copy, size
+
+    def clients(
+        self,
+        stage: str,
+        inbox: Mapping[int, WireMessage],
+        gone: Iterable[int],
+        call: Callable[[SecAggClient, Any], WireMessage],
+    ) -> list[WireMessage]:
+        """Deliver ``inbox`` to the live clients (minus ``gone``) and collect their replies."""
+        self.alive.difference_update(gone)
+        replies = []
+        for u in sorted(self.alive & set(inbox)):
+            msg, size = self._wire(inbox[u])
+            self.bytes_received[u] += size
+            start = time.perf_counter()
+            try:
+                reply = call(self.parties[u], msg)
+            except SecAggAbort as exc:  # an aborting client simply drops out
+                self.aborted[u] = f"{stage}: {exc}"
+                self.alive.discard(u)
+                continue
+            finally:
+                self.client_seconds[u] += time.perf_counter() - start
+            reply, size = self._wire(reply)
+            self.bytes_sent[u] += size
+            replies.append(reply)
+        return replies
+
+    def serve(self, call: Callable[[list[Any]], Any], msgs: list[WireMessage]) -> Any:
+        """Run one server stage on the collected messages, timing it."""
+        start = time.perf_counter()
+        try:
+            return call(msgs)
+        finally:
+            self.server_seconds += time.perf_counter() - start
+
+
+def simulate_round(
+    clients: Mapping[int, SecAggClient] | Iterable[SecAggClient],
+    server: SecAggServer,
+    inputs: Mapping[int, np.ndarray],
+    drop_after_masking: Iterable[int] = (),
+    drop_before_masking: Iterable[int] = (),
+    drop_before_sharing: Iterable[int] = (),
+    weights: Mapping[int, int] | None = None,
+    rng: np.random.Generator | None = None,
+) -> RoundTrace:
+    """Run one round, passing each message through its wire form to its addressee only.
+
+    Drop-outs: ``drop_before_sharing`` clients advertise keys and then vanish;
+    ``drop_before_masking`` clients also share keys but send no masked input (they are NOT in the
+    sum); ``drop_after_masking`` clients send their masked input (they ARE in the sum) and then
+    vanish before unmasking. A client that aborts is treated as dropped. ``weights`` are passed
+    to :meth:`SecAggClient.mask_input` (weighted configs); ``rng`` switches on stochastic
+    rounding. Server aborts propagate as :class:`SecAggAbort`.
+    """
+    parties = dict(clients) if isinstance(clients, Mapping) else {c.client_id: c for c in clients}
+    net = _Transport(parties, server)
+    w = weights or {}
+    setup = {u: server.setup_message() for u in parties}
+    adv = net.clients("advertise", setup, (), lambda c, _m: c.advertise_keys())
+    bcast = net.serve(server.receive_keys, adv)
+    shares = net.clients("share", bcast, drop_before_sharing, lambda c, m: c.share_keys(m))
+    routed = net.serve(server.receive_shares, shares)
+    masked = net.clients(
+        "mask",
+        routed,
+        drop_before_masking,
+        lambda c, m: c.mask_input(m, inputs[c.client_id], w.get(c.client_id), rng),
+    )
+    requests = net.serve(server.receive_masked_inputs, masked)
+    answers = net.clients("unmask", requests, drop_after_masking, lambda c, m: c.unmask(m))
+    result = net.serve(server.finish, answers)
+    return RoundTrace(
+        result,
+        net.bytes_sent,
+        net.bytes_received,
+        net.client_seconds,
+        net.server_seconds,
+        net.aborted,
+    )
+
+
+def run_secagg_round(
+    clients: Mapping[int, SecAggClient] | Iterable[SecAggClient],
+    server: SecAggServer,
+    inputs: Mapping[int, np.ndarray],
+    drop_after_masking: Iterable[int] = (),
+    drop_before_masking: Iterable[int] = (),
+) -> np.ndarray:
+    """Run one round (see :func:`simulate_round`) and return the dequantized sum of survivors."""
+    return simulate_round(clients, server, inputs, drop_after_masking, drop_before_masking).result.total
