@@ -297,3 +297,20 @@ def test_client_not_selected_and_stage_order() -> None:
     c = SecAggClient(0, cfg)
     with pytest.raises(SecAggAbort, match="out of order"):
         c.mask_input(EncryptedShares(0, np.zeros(0, np.int64), np.zeros((0, 160), np.uint8)), np.zeros(8))
+
+
+def test_messages_fit_the_engine_message_format() -> None:
+    torch = pytest.importorskip("torch")
+    messages = pytest.importorskip("fedguard.messages")
+    cfg = SecAggConfig.create(range(4), 8, round_seed=SEED)
+    clients, server = make_parties(cfg)
+    keys = server.receive_keys([c.advertise_keys() for c in clients.values()])
+    routed = server.receive_shares([clients[u].share_keys(m) for u, m in keys.items()])
+    masked = clients[0].mask_input(routed[0], np.linspace(-1, 1, 8))
+    for msg in (cfg, keys[0], routed[0], masked):
+        meta, tensors = msg.to_arrays()
+        wire = messages.Message("secagg", 1, 0, meta, {k: torch.from_numpy(v) for k, v in tensors.items()})
+        back = messages.Message.from_bytes(wire.to_bytes())
+        again = type(msg).from_arrays(back.meta, {k: v.numpy() for k, v in back.tensors.items()})
+        assert again.to_arrays()[0] == meta
+    np.testing.assert_array_equal(again.masked, masked.masked)

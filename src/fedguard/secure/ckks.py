@@ -20,9 +20,16 @@ Default parameters (sum-only workload, no multiplicative depth): ``N = 8192``,
 ``coeff_mod_bit_sizes = (60, 60)``, scale ``2^40``: one 60-bit data prime (20 bits of headroom
 above the scale, so |sum| < 2^19) plus the special prime; 128-bit security per the HE standard
 (120 <= 218 bits); 4,095 values and 131 kB per ciphertext (32 bytes per value, 8x float32).
-Measured on a 2-core CPU for 100,000 values: max abs error of a 10-client sum of values in
-[-1, 1] about 1e-7 (requirement: < 1e-4). ``(60, 40, 60)`` gives the same precision at 57 bytes
-per value; ``N = 4096, (40, 20, 40), 2^20`` is too imprecise (about 4e-2).
+Measured on the 2-core dev CPU (shared, so +-20%), 10 clients, values uniform in [-1, 1]:
+
+  parameters               values  enc/client  sum of 10  decrypt  bytes/value  max abs err
+  8192, (60, 60), 2^40     1.66M   2.1 s       1.4 s      0.4 s    32 (53 MB)   4e-8
+  8192, (60, 40, 60), 2^40 1.66M   2.8 s       4.6 s      0.9 s    58 (96 MB)   4e-8
+  4096, (60, 49), 2^40     100k    0.16 s      0.11 s     0.03 s   32           2e-8
+  4096, (40, 20, 40), 2^20 100k    0.28 s      0.41 s     0.09 s   40           2e-2 (fails)
+
+The requirement (max abs error < 1e-4 for a sum of 10 updates of magnitude ~1) holds with a
+margin of 1000x at the default.
 
 Threshold / multi-party CKKS (secret key shared among parties, decryption by a quorum) is NOT
 supported: TenSEAL has no multiparty CKKS. OpenFHE has it, but its wheel does not import on
@@ -59,7 +66,10 @@ __all__ = [
 ]
 
 CHECK_VALUE = 1.0
-CHECK_TOLERANCE = 1e-3
+#: The check slot of a sum of ``n`` must decrypt within ``n * 2^CHECK_SLACK_BITS / scale`` of
+#: ``n``. Measured CKKS error is about ``2^13.5 * sqrt(n) / scale`` at worst over 100k slots, so
+#: this is >= 6x that; garbage from a wrong key is ~1e6 or more.
+CHECK_SLACK_BITS = 16
 
 
 class CKKSError(RuntimeError):
@@ -214,14 +224,15 @@ def decrypt_vector(
             raise CKKSError(f"ciphertext {j} holds {plain.size - 1} values, expected {n_vals}")
         out[j * per : j * per + n_vals] = plain[:n_vals]
         checks.append(plain[n_vals])
-    _verify_checks(np.array(checks), num_clients)
+    _verify_checks(np.array(checks), num_clients, secret_ctx.global_scale)
     return out
 
 
-def _verify_checks(checks: np.ndarray, num_clients: int | None) -> None:
+def _verify_checks(checks: np.ndarray, num_clients: int | None, scale: float) -> None:
     """The check slots must all decrypt to the number of summed clients."""
     expected = float(num_clients) if num_clients is not None else float(np.round(checks[0]))
-    bad = ~(np.abs(checks - expected) < CHECK_TOLERANCE) | (expected < 1)
+    tolerance = max(expected, 1.0) * 2.0**CHECK_SLACK_BITS / scale
+    bad = ~(np.abs(checks - expected) < tolerance) | (expected < 1)
     if np.any(bad):
         j = int(np.argmax(bad))
         raise CKKSError(
