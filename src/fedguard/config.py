@@ -34,7 +34,7 @@ class RunConfig:
 
     name: str = option("fedguard", "Name of the run (used in the run folder name).")
     seed: int = option(0, "Seed for model init, partitioning, sampling and every client's randomness.", min=0)
-    rounds: int = option(20, "Number of federated rounds.", min=1)
+    rounds: int = option(30, "Number of federated rounds.", min=1)
     eval_every: int = option(1, "Evaluate the global model every k rounds (0: only after the last).", min=0)
     out_dir: str = option("runs", "Folder under which each run writes its own folder.")
     workers: str = option("auto", "Client worker processes: 'auto' (one per core) or a number; 1 runs clients in-process.")
@@ -75,8 +75,8 @@ class TrainConfig:
 
     epochs: int = option(1, "Local epochs per round.", min=1)
     batch_size: int = option(32, "Local batch size.", min=1)
-    lr: float = option(0.05, "Local SGD learning rate.", min=0.0)
-    momentum: float = option(0.0, "Local SGD momentum.", min=0.0, max=0.999)
+    lr: float = option(0.02, "Local SGD learning rate.", min=0.0)
+    momentum: float = option(0.9, "Local SGD momentum (the client optimiser restarts each round).", min=0.0, max=0.999)
     weight_decay: float = option(0.0, "Local L2 weight decay.", min=0.0)
     prox_mu: float = option(0.0, "FedProx proximal term mu (0: FedAvg).", min=0.0)
     max_steps: int = option(0, "Cap on local steps per round (0: no cap).", min=0)

@@ -39,7 +39,7 @@ from fedguard.report.markdown import write_comparison, write_report
 from fedguard.report.metrics import MetricsWriter, read_metrics
 from fedguard.report.partition_plot import plot_label_heatmap
 from fedguard.report.progress import RunProgress, print_summary
-from fedguard.runtime.base import FaultModel
+from fedguard.runtime.base import Communicator, FaultModel
 from fedguard.runtime.client import ClientApp
 from fedguard.runtime.simulation import (
     SerialCommunicator,
@@ -65,6 +65,9 @@ class RunResult:
     baseline: RunResult | None = None
 
 
+#: builds a run's communicator from its assembled setup (the network server's, for one)
+CommunicatorFactory = Callable[["Setup"], Communicator]
+
 #: what turns a federated configuration into its centralized baseline
 CENTRALIZED_OVERRIDES: dict[str, Any] = {
     "data.num_clients": 1,
@@ -88,7 +91,6 @@ class Setup:
     train: ArrayDataset
     test: ArrayDataset
     parts: list[np.ndarray]
-    client_data: list[ArrayDataset]
     task: Task
     model: nn.Module
     sampler: ClientSampler
@@ -97,11 +99,15 @@ class Setup:
 
     def make_client(self, cid: int, store: Any) -> ClientApp:
         """Client ``cid`` with its own slice of the data."""
-        if not 0 <= cid < len(self.client_data):
-            raise ValueError(f"unknown client {cid}: this run has clients 0..{len(self.client_data) - 1}")
         return ClientApp(
-            cid, self.task, self.model, self.client_data[cid], self.trainer, self.pipeline, self.config.run.seed, store
+            cid, self.task, self.model, self.client_data(cid), self.trainer, self.pipeline, self.config.run.seed, store
         )
+
+    def client_data(self, cid: int) -> ArrayDataset:
+        """Client ``cid``'s own examples (sliced on demand: cheap, and nothing to copy up front)."""
+        if not 0 <= cid < len(self.parts):
+            raise ValueError(f"unknown client {cid}: this run has clients 0..{len(self.parts) - 1}")
+        return self.train.subset(self.parts[cid], f"client-{cid}")
 
 
 def _as_array_dataset(data: ArrayDataset | Dataset | None, name: str) -> ArrayDataset | None:
@@ -185,7 +191,10 @@ class Experiment:
             kwargs["alpha"] = d.alpha
         if d.partition == "shards":
             kwargs["shards_per_client"] = d.shards_per_client
-        return partition(train.labels, d.num_clients, d.partition, self.config.run.seed, **kwargs)
+        try:
+            return partition(train.labels, d.num_clients, d.partition, self.config.run.seed, **kwargs)
+        except ValueError as exc:
+            raise ConfigurationError(f"data: cannot split {len(train)} examples this way: {exc}") from exc
 
     def make_sampler(self) -> ClientSampler:
         """Per-round client sampling with the configured join/leave schedule."""
@@ -226,23 +235,31 @@ class Experiment:
         bctx = builders.BuildContext(cfg, train, [len(p) for p in parts], sampler, task, self.log)
         trainer = builders.build_trainer(bctx)
         pipeline = builders.build_pipeline(bctx)
-        client_data = [train.subset(p, f"client-{i}") for i, p in enumerate(parts)]
-        return Setup(cfg, train, test, parts, client_data, task, model, sampler, trainer, pipeline)
+        return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline)
 
     # -- running --------------------------------------------------------------------------
-    def run(self, run_dir: str | Path | None = None, resume: str | Path | None = None) -> RunResult:
+    def run(
+        self,
+        run_dir: str | Path | None = None,
+        resume: str | Path | None = None,
+        communicator: CommunicatorFactory | None = None,
+    ) -> RunResult:
         """Run every round, write the run folder, return the result.
 
         With ``run.baseline = "centralized"`` the same configuration is then run with one
-        client holding all the data, and the report compares the two.
+        client holding all the data, and the report compares the two. ``communicator``
+        builds the runtime from the assembled :class:`Setup` (the network server passes
+        its own); by default clients run in the simulation.
         """
-        result = self._run_federated(run_dir, resume)
+        result = self._run_federated(run_dir, resume, communicator)
         if self.config.run.baseline == "centralized":
             result.baseline = self._run_centralized(result.run_dir)
             write_comparison(result.run_dir, result.final, result.baseline.final)
         return result
 
-    def _run_federated(self, run_dir: str | Path | None, resume: str | Path | None) -> RunResult:
+    def _run_federated(
+        self, run_dir: str | Path | None, resume: str | Path | None, communicator: CommunicatorFactory | None = None
+    ) -> RunResult:
         cfg = self.config
         t_start = time.perf_counter()
         if cfg.run.threads:
@@ -253,25 +270,16 @@ class Experiment:
         (run_dir / "config.toml").write_text(cfg.to_toml())
         self._write_partition(run_dir, setup.train, setup.parts)
 
-        sampler = setup.sampler
-        n_workers = self.workers(sampler.per_round(sampler.population))
-        state_dir = temp_state_dir()
-        store = DirectoryStateStore(state_dir) if n_workers > 1 else MemoryStateStore()
-
-        def make_client(cid: int) -> ClientApp:
-            return setup.make_client(cid, store)
-
-        faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
-        comm = (
-            WorkerPoolCommunicator(make_client, n_workers, faults, cost=lambda c: len(setup.parts[c]))
-            if n_workers > 1
-            else SerialCommunicator(make_client, faults)
-        )
+        state_dir: str | None = None
+        if communicator is not None:
+            comm = communicator(setup)
+        else:
+            comm, state_dir = self._simulation(setup)
         server = Server(
             setup.task,
             setup.model,
             setup.pipeline,
-            sampler,
+            setup.sampler,
             comm,
             setup.test,
             cfg.run.seed,
@@ -287,9 +295,28 @@ class Experiment:
             result = self._loop(server, run_dir, first_round, bool(resume), setup)
         finally:
             comm.close()
-            shutil.rmtree(state_dir, ignore_errors=True)
+            if state_dir:
+                shutil.rmtree(state_dir, ignore_errors=True)
         result.timings.update({"startup_s": t_ready - t_start, "total_s": time.perf_counter() - t_start})
         return result
+
+    def _simulation(self, setup: Setup) -> tuple[Communicator, str]:
+        """The in-process or worker-pool communicator, and its clients' state folder."""
+        cfg, sampler = self.config, setup.sampler
+        n_workers = self.workers(sampler.per_round(sampler.population))
+        state_dir = temp_state_dir()
+        store = DirectoryStateStore(state_dir) if n_workers > 1 else MemoryStateStore()
+
+        def make_client(cid: int) -> ClientApp:
+            return setup.make_client(cid, store)
+
+        faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
+        comm: Communicator = (
+            WorkerPoolCommunicator(make_client, n_workers, faults, cost=lambda c: len(setup.parts[c]))
+            if n_workers > 1
+            else SerialCommunicator(make_client, faults)
+        )
+        return comm, state_dir
 
     def _run_centralized(self, run_dir: Path) -> RunResult:
         """The same task, model, training and rounds with one client holding all the data."""

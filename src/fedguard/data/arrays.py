@@ -42,7 +42,9 @@ class ArrayDataset:
     ) -> ArrayDataset:
         """The examples at ``indices``, in that order."""
         idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
-        return ArrayDataset(self.x[idx], self.y[idx], name or self.name)
+        part = object.__new__(ArrayDataset)  # already validated as a whole: skip the checks
+        part.x, part.y, part.name = self.x[idx], self.y[idx], name or self.name
+        return part
 
     @property
     def labels(self) -> np.ndarray:

@@ -49,23 +49,33 @@ def _collect(exchange: Exchange, data: bytes, traffic: TrafficCounter) -> None:
 
 
 class SerialCommunicator:
-    """Clients answer one after another in this process (debugging, tiny runs)."""
+    """Clients answer one after another in this process (debugging, tiny runs).
 
-    def __init__(self, factory: ClientFactory, faults: FaultModel | None = None) -> None:
+    Clients compute with ``client_threads`` torch threads, as in the worker processes and
+    in a network client, so the numbers do not depend on the runtime.
+    """
+
+    def __init__(self, factory: ClientFactory, faults: FaultModel | None = None, client_threads: int = 1) -> None:
         self.factory = factory
         self.faults = faults or FaultModel()
         self.traffic = TrafficCounter()
+        self.client_threads = client_threads
 
     def exchange(self, messages: dict[int, Message]) -> Exchange:
         result = Exchange()
-        for cid in sorted(messages):
-            msg = messages[cid]
-            data = msg.to_bytes()
-            self.traffic.sent += len(data)
-            if self.faults.drops(msg):
-                result.failed[cid] = "simulated dropout"
-                continue
-            _collect(result, _answer(self.factory, data), self.traffic)
+        server_threads = torch.get_num_threads()
+        torch.set_num_threads(self.client_threads)
+        try:
+            for cid in sorted(messages):
+                msg = messages[cid]
+                data = msg.to_bytes()
+                self.traffic.sent += len(data)
+                if self.faults.drops(msg):
+                    result.failed[cid] = "simulated dropout"
+                    continue
+                _collect(result, _answer(self.factory, data), self.traffic)
+        finally:
+            torch.set_num_threads(server_threads)
         return result
 
     def close(self) -> None:

@@ -1,0 +1,261 @@
+"""Foundation benchmarks: W1/W2 engine vs bare loop, and the two MNIST accuracy targets.
+
+Each measured side runs in a fresh Python process (``python benchmarks/bench_core.py
+--inner SIDE WORKLOAD``) so that start-up, peak memory and wall time are its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+WORKLOADS = {
+    # W1 cross-device: 1,000 clients, label-Dirichlet 0.5 (seed 0), 50 per round, CNN-S
+    "w1": {
+        "data.dataset": "mnist",
+        "data.num_clients": 1000,
+        "data.partition": "dirichlet",
+        "data.alpha": 0.5,
+        "server.clients_per_round": 50,
+        "train.epochs": 1,
+        "train.batch_size": 20,
+        "train.lr": 0.05,
+        "train.momentum": 0.0,
+        "task.model": "cnn-s",
+        "server.weighting": "examples",
+        "run.rounds": 20,
+    },
+    # W2 cross-silo: 10 clients, Dirichlet 0.5, all per round, CNN-M with momentum
+    "w2": {
+        "data.dataset": "mnist",
+        "data.num_clients": 10,
+        "data.partition": "dirichlet",
+        "data.alpha": 0.5,
+        "server.clients_per_round": 0,
+        "server.fraction": 1.0,
+        "train.epochs": 1,
+        "train.batch_size": 32,
+        "train.lr": 0.05,
+        "train.momentum": 0.9,
+        "task.model": "cnn-m",
+        "run.rounds": 3,
+    },
+    "mnist-iid": {
+        "data.dataset": "mnist",
+        "data.num_clients": 10,
+        "data.partition": "iid",
+        "server.fraction": 1.0,
+        "train.epochs": 1,
+        "train.batch_size": 32,
+        "train.lr": 0.05,
+        "train.momentum": 0.9,
+        "task.model": "cnn-m",
+        "run.rounds": 5,
+        "run.eval_every": 1,
+    },
+    "mnist-dirichlet": {
+        "data.dataset": "mnist",
+        "data.num_clients": 100,
+        "data.partition": "dirichlet",
+        "data.alpha": 0.5,
+        "server.clients_per_round": 10,
+        "train.epochs": 1,
+        "train.batch_size": 20,
+        "train.lr": 0.05,
+        "train.momentum": 0.0,
+        "task.model": "cnn-s",
+        "run.rounds": 50,
+        "run.eval_every": 5,
+    },
+}
+TARGETS = {"mnist-iid": 0.99, "mnist-dirichlet": 0.98}
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (from /proc, so interpreter start-up counts)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / ticks
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
+    return uptime - start
+
+
+class PeakMemory:
+    """Peak proportional set size (PSS) of this process and its children, sampled every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _tree(self, pid: int) -> list[int]:
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return [pid]
+        return [pid] + [p for k in kids for p in self._tree(int(k))]
+
+    def _pss_kb(self, pid: int) -> int:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+        except OSError:
+            pass
+        return 0
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, sum(self._pss_kb(p) for p in self._tree(os.getpid())))
+            self._stop.wait(0.2)
+
+    @property
+    def mb(self) -> float:
+        return self.peak_kb / 1024
+
+
+def overrides(name: str, data_dir: str, extra: dict[str, object] | None = None) -> list[str]:
+    cfg = {**WORKLOADS[name], "data.data_dir": data_dir, "run.progress": False, "run.report": False, **(extra or {})}
+    cfg.setdefault("run.eval_every", 0)
+    return [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in cfg.items()]
+
+
+def inner_engine(name: str, data_dir: str, out: str, extra: dict[str, object]) -> dict[str, object]:
+    from fedguard import Config, Experiment
+
+    with PeakMemory() as mem:
+        config = Config.load(None, overrides(name, data_dir, extra))
+        result = Experiment(config).run(run_dir=Path(out) / f"{name}-engine-{os.getpid()}")
+    rounds = [r["round_s"] for r in result.rows]
+    return {
+        "round_s": rounds,
+        "median_round_s": statistics.median(rounds),
+        "first_round_s": rounds[0],
+        "startup_s": result.timings["startup_s"],
+        "total_wall_s": _process_age_s(),
+        "peak_rss_mb": mem.mb,
+        "accuracy": result.final["test_accuracy"],
+        "rows": result.rows,
+        "config": config.to_dict(),
+    }
+
+
+def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, object]:
+    import torch
+
+    from bare_loop import accuracy, run_bare
+    from fedguard import Config, Experiment
+
+    with PeakMemory() as mem:
+        exp = Experiment(Config.load(None, overrides(name, data_dir, extra)))
+        setup = exp.assemble()
+        schedule = [setup.sampler.sample(r) for r in range(1, exp.config.run.rounds + 1)]
+        t = exp.config.train
+        torch.manual_seed(exp.config.run.seed)
+        model, seconds = run_bare(
+            setup.model, setup.train.x, setup.train.y, setup.parts, schedule, t.batch_size, t.lr, t.momentum, t.epochs
+        )
+        acc = accuracy(model, setup.test.x, setup.test.y)
+    return {
+        "round_s": seconds,
+        "median_round_s": statistics.median(seconds),
+        "total_wall_s": _process_age_s(),
+        "peak_rss_mb": mem.mb,
+        "accuracy": acc,
+    }
+
+
+def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, object]) -> dict[str, object]:
+    cmd = [sys.executable, str(Path(__file__)), "--inner", side, name, args.data_dir, args.out, json.dumps(extra)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{side} {name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def speed_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]:
+    """Engine and bare loop on the same workload, alternated, each in its own process."""
+    extra: dict[str, object] = {"run.rounds": 3 if name == "w1" else 1} if args.quick else {}
+    if args.quick and name == "w1":
+        extra["data.num_clients"] = 1000
+    repeats = 1 if (args.quick or name == "w2") else 2
+    engines, bares = [], []
+    for _ in range(repeats):
+        engines.append(_spawn("engine", name, args, extra))
+        bares.append(_spawn("bare", name, args, extra))
+    eng_med = statistics.median([m for e in engines for m in e["round_s"]])
+    bare_med = statistics.median([m for b in bares for m in b["round_s"]])
+    return {
+        "name": name,
+        "median_round_s": round(eng_med, 4),
+        "first_round_s": round(statistics.median(e["first_round_s"] for e in engines), 4),
+        "total_wall_s": round(statistics.median(e["total_wall_s"] for e in engines), 2),
+        "startup_s": round(statistics.median(e["startup_s"] for e in engines), 3),
+        "bare_median_round_s": round(bare_med, 4),
+        "bare_total_wall_s": round(statistics.median(b["total_wall_s"] for b in bares), 2),
+        "ratio": round(eng_med / bare_med, 3),
+        "peak_rss_mb": round(max(e["peak_rss_mb"] for e in engines), 1),
+        "bare_peak_rss_mb": round(max(b["peak_rss_mb"] for b in bares), 1),
+        "accuracy": engines[0]["accuracy"],
+        "bare_accuracy": bares[0]["accuracy"],
+        "repeats": repeats,
+        "config": engines[0]["config"],
+    }
+
+
+def accuracy_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]:
+    """Rounds until the target accuracy, final accuracy and wall time."""
+    extra: dict[str, object] = {"run.eval_every": 1}
+    if args.quick:
+        extra.update({"run.rounds": 2, "data.max_train_examples": 6000})
+    result = _spawn("engine", name, args, extra)
+    target = TARGETS[name]
+    hits = [r["round"] for r in result["rows"] if (r.get("test_accuracy") or 0) >= target]
+    return {
+        "name": name,
+        "accuracy": result["accuracy"],
+        "rounds": len(result["rows"]),
+        "target": target,
+        "rounds_to_target": hits[0] if hits else None,
+        "accuracy_per_round": [r.get("test_accuracy") for r in result["rows"]],
+        "wall_s": round(result["total_wall_s"], 1),
+        "config": result["config"],
+    }
+
+
+BENCHMARKS = {
+    "w1": lambda args: speed_benchmark("w1", args),
+    "w2": lambda args: speed_benchmark("w2", args),
+    "mnist-iid": lambda args: accuracy_benchmark("mnist-iid", args),
+    "mnist-dirichlet": lambda args: accuracy_benchmark("mnist-dirichlet", args),
+}
+BENCHMARKS["w1"].__doc__ = "W1 cross-device speed: engine vs bare loop (CNN-S, 1,000 clients, 50/round)"
+BENCHMARKS["w2"].__doc__ = "W2 cross-silo speed: engine vs bare loop (CNN-M, 10 clients)"
+BENCHMARKS["mnist-iid"].__doc__ = "CNN-M, 10 IID clients: accuracy within 5 rounds (target 99.0%)"
+BENCHMARKS[
+    "mnist-dirichlet"
+].__doc__ = "CNN-S, 100 Dirichlet-0.5 clients, 10/round: accuracy in 50 rounds (target 98.0%)"
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--inner":
+    side, name, data_dir, out, extra_json = sys.argv[2:7]
+    sys.path.insert(0, str(HERE))
+    extra = json.loads(extra_json)
+    figures = inner_engine(name, data_dir, out, extra) if side == "engine" else inner_bare(name, data_dir, extra)
+    print(json.dumps(figures, default=str))
