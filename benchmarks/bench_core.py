@@ -13,7 +13,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -158,8 +157,8 @@ def inner_engine(name: str, data_dir: str, out: str, extra: dict[str, object]) -
 
 def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, object]:
     import torch
-
     from bare_loop import accuracy, run_bare
+
     from fedguard import Config, Experiment
 
     with PeakMemory() as mem:
