@@ -7,3 +7,4 @@ hook lists in :mod:`fedguard.builders`; add one import line here per family.
 from __future__ import annotations
 
 import fedguard.builders  # noqa: F401
+import fedguard.secure.register  # noqa: F401  ([secure] section: SecAgg+ and CKKS aggregators)

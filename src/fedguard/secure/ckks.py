@@ -324,6 +324,25 @@ class CKKSKeyHolder:
         """The context without its secret key, for the server and the clients."""
         return self._public
 
+    def secret_context_bytes(self) -> bytes:
+        """The full context with its secret key: for the key holder's own storage only."""
+        return self._ctx.serialize(
+            save_public_key=True, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+        )
+
+    @classmethod
+    def from_secret_bytes(cls, data: bytes, config: CKKSContextConfig | None = None) -> CKKSKeyHolder:
+        """Reload a key holder saved with :meth:`secret_context_bytes` (same keys, same fingerprint)."""
+        ctx = load_public_context(data)
+        if not ctx.is_private():
+            raise CKKSError("this context has no secret key: it cannot make a key holder")
+        holder = cls.__new__(cls)
+        holder.config = config or CKKSContextConfig()
+        holder._ctx = ctx
+        holder._public = public_context_bytes(ctx)
+        holder.fingerprint = context_fingerprint(holder._public)
+        return holder
+
     def encryptor(self) -> CKKSEncryptor:
         """A public-key encryptor bound to this key pair."""
         return CKKSEncryptor(self._public)

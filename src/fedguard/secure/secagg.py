@@ -98,6 +98,7 @@ __all__ = [
     "UnmaskRequest",
     "UnmaskResponse",
     "AggregateResult",
+    "SecAggClientState",
     "SecAggClient",
     "SecAggServer",
     "RoundTrace",
@@ -420,6 +421,44 @@ class AggregateResult:
         return self.total / denom
 
 
+@dataclass(eq=False)
+class SecAggClientState(WireMessage):
+    """A client's private SecAgg state between stages (stays on the client, never sent).
+
+    Attributes:
+        client_id: the client.
+        stage: how many stages it has completed (0..4).
+        c_sk, s_sk: raw X25519 private keys (share encryption, pairwise masks).
+        b_seed: the self-mask seed (empty before stage 1).
+        peers: int64 (m,) neighbours whose keys it received.
+        peer_s_pks: uint8 (m, 32) their mask public keys.
+        peer_aead_keys: uint8 (m, 32) the derived share-encryption keys with them.
+        partners: int64 (p,) neighbours that shared keys with it (stage 2 on).
+        has_inbox: bool scalar: whether ``inbox`` is still held (cleared after unmasking).
+        inbox: uint8 (p, SHARE_CT_BYTES) the share ciphertexts it received, by partner.
+    """
+
+    client_id: int
+    stage: int
+    c_sk: bytes
+    s_sk: bytes
+    b_seed: bytes
+    peers: np.ndarray
+    peer_s_pks: np.ndarray
+    peer_aead_keys: np.ndarray
+    partners: np.ndarray
+    has_inbox: np.ndarray
+    inbox: np.ndarray
+
+
+def _ct_rows(rows: list[bytes]) -> np.ndarray:
+    """Stack share ciphertexts into a (m, SHARE_CT_BYTES) uint8 matrix."""
+    out = np.empty((len(rows), SHARE_CT_BYTES), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        out[i] = np.frombuffer(r, dtype=np.uint8)
+    return out
+
+
 def _id_list(arr: np.ndarray, what: str) -> list[int]:
     """Validate a 1-D integer id array without duplicates; return it as a list."""
     a = np.asarray(arr)
@@ -462,9 +501,57 @@ class SecAggClient:
         self._s_sk = X25519PrivateKey.generate()
         self._b_seed = b""
         self._s_pks: dict[int, bytes] = {}
+        self._aead_keys: dict[int, bytes] = {}
         self._aead: dict[int, ChaCha20Poly1305] = {}
         self._inbox: dict[int, bytes] = {}
         self._partners: tuple[int, ...] = ()
+
+    def export_state(self) -> SecAggClientState:
+        """This client's secrets and progress, to keep on the client between stages.
+
+        A client that answers each stage in a fresh process (or after a restart) stores this in
+        its own state and rebuilds itself with :meth:`restore`. It holds private keys: it must
+        never leave the client.
+        """
+        peers = sorted(self._s_pks)
+        partners = list(self._partners)
+        inbox = [self._inbox[v] for v in partners] if self._inbox else []
+        return SecAggClientState(
+            self.client_id,
+            self._stage,
+            self._c_sk.private_bytes_raw(),
+            self._s_sk.private_bytes_raw(),
+            self._b_seed,
+            np.array(peers, dtype=np.int64),
+            _key_rows(self._s_pks, peers),
+            _key_rows(self._aead_keys, peers),
+            np.array(partners, dtype=np.int64),
+            np.array(bool(inbox)),
+            _ct_rows(inbox),
+        )
+
+    @classmethod
+    def restore(cls, config: SecAggConfig, state: SecAggClientState) -> SecAggClient:
+        """Rebuild the client that :meth:`export_state` saved, for the same round ``config``."""
+        client = cls(state.client_id, config)
+        if not 0 <= state.stage <= 4:
+            raise SecAggAbort(f"client {state.client_id}: saved stage {state.stage} is not a SecAgg stage")
+        client._stage = int(state.stage)
+        client._c_sk = X25519PrivateKey.from_private_bytes(state.c_sk)
+        client._s_sk = X25519PrivateKey.from_private_bytes(state.s_sk)
+        client._b_seed = state.b_seed
+        peers = _id_list(state.peers, "saved peers")
+        s_pks = _byte_rows(state.peer_s_pks, len(peers), KEY_BYTES, "saved mask keys")
+        aead_keys = _byte_rows(state.peer_aead_keys, len(peers), KEY_BYTES, "saved share keys")
+        for v, s_pk, key in zip(peers, s_pks, aead_keys, strict=True):
+            client._s_pks[v] = s_pk.tobytes()
+            client._aead_keys[v] = key.tobytes()
+            client._aead[v] = ChaCha20Poly1305(key.tobytes())
+        client._partners = tuple(_id_list(state.partners, "saved partners"))
+        if bool(state.has_inbox):
+            rows = _byte_rows(state.inbox, len(client._partners), SHARE_CT_BYTES, "saved shares")
+            client._inbox = {v: r.tobytes() for v, r in zip(client._partners, rows, strict=True)}
+        return client
 
     @property
     def neighbours(self) -> frozenset[int]:
@@ -515,7 +602,8 @@ class SecAggClient:
         seed = self.config.round_seed
         for v, c_pk, s_pk in zip(ids, c_pks, s_pks, strict=True):
             shared = _exchange(self._c_sk, c_pk.tobytes(), f"client {v}")
-            self._aead[v] = ChaCha20Poly1305(_kdf(shared, seed, _SHARE_INFO))
+            self._aead_keys[v] = _kdf(shared, seed, _SHARE_INFO)
+            self._aead[v] = ChaCha20Poly1305(self._aead_keys[v])
             self._s_pks[v] = s_pk.tobytes()
         self._b_seed = secrets.token_bytes(KEY_BYTES)
         xs = [v + 1 for v in ids]

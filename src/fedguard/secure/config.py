@@ -1,0 +1,44 @@
+"""The ``[secure]`` configuration section: secure aggregation and homomorphic encryption."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedguard.config import option
+
+
+@dataclass
+class SecureConfig:
+    """[secure] secure aggregation (SecAgg+) or CKKS encryption: the server sees only the aggregate."""
+
+    mode: str = option(
+        "none",
+        "none: plaintext FedAvg; secagg: SecAgg+ masking (Bonawitz et al. 2017, Bell et al. 2020); "
+        "ckks: CKKS encryption under one key holder's key.",
+        choices=["none", "secagg", "ckks"],
+    )
+    neighbours: int = option(0, "SecAgg+ neighbours per client k (0: min(n-1, 3*ceil(log2 n)), made even).", min=0)
+    threshold: int = option(0, "Shamir threshold t, k/2 < t <= k (0: floor(k/2)+1).", min=0)
+    min_survivors: int = option(
+        0, "Fewest clients whose masked updates must survive, else the round aborts (0: max(t, server.min_clients)).",
+        min=0,
+    )
+    clip: float = option(
+        1.0,
+        "SecAgg quantization range: each coordinate of weight/max_weight * update is clipped to +-clip "
+        "before fixed-point encoding.",
+        min=1e-9,
+    )
+    ring_bits: int = option(32, "SecAgg ring Z_{2^bits}: masks and sums are mod 2^bits (32 or 64 bits per value).",
+                            min=8, max=64)
+    max_weight: int = option(
+        0,
+        "Largest FedAvg weight a client may send (its number of examples); the encodings are scaled for it. "
+        "0: the largest client's dataset size (known in simulation); 1 with server.weighting=uniform.",
+        min=0,
+    )
+    key_holder: int = option(0, "CKKS: id of the client that generates the keys and decrypts the aggregate.", min=0)
+    ckks_poly_degree: int = option(8192, "CKKS ring degree N (N/2 - 1 values per ciphertext).",
+                                   choices=[4096, 8192, 16384, 32768])
+    ckks_coeff_bits: list[int] = option([60, 60], "CKKS coefficient-modulus prime sizes in bits (last: special prime).")
+    ckks_scale_bits: int = option(40, "CKKS encoding scale 2^bits.", min=20, max=60)

@@ -1,0 +1,303 @@
+"""SecAgg+ as an engine aggregator: the server learns the weighted sum of updates, nothing else.
+
+One round is four exchanges through the communicator (each message kind can fail on its own,
+as with :class:`~fedguard.runtime.base.FaultModel`):
+
+==========================  ==================================  ==================================
+server -> client            client does                         client -> server
+==========================  ==================================  ==================================
+``secagg/setup``            builds its SecAgg client from the    ``secagg/keys`` (X25519 publics)
+(the round's SecAggConfig)  config it received; new key pairs
+``secagg/share_keys``       Shamir-shares its mask seed and      ``secagg/shares`` (encrypted
+(neighbours' public keys)   mask key among its neighbours        share pairs, one per neighbour)
+``fit`` (global model +     trains, runs the client steps        ``fit_result`` carrying only the
+its routed shares)          (clipping, DP noise), then masks     masked ring vector
+                            [w/M * update, saturation, w]
+``secagg/unmask``           checks the survivor lists, reveals   ``secagg/unmask_result``
+(survivors, dropped)        the matching shares
+==========================  ==================================  ==================================
+
+The client's secrets (private keys, self-mask seed, received shares) live only in that client's
+own state (``ctx.state``), never in the server process or a shared object. The server keeps only
+the running sum of masked vectors; the unmasked result is the sum over the clients whose
+masked vectors arrived, even when some of them vanish before unmasking.
+
+Encoding: each client sends ``w/M * update`` (``w`` its number of examples, ``M`` =
+``secure.max_weight``), clipped to ``+-clip`` and quantized into ``Z_{2^ring_bits}``, plus a
+saturation slot (the fraction of its coordinates that hit the clip) and its exact integer weight
+``w``. The server divides the unmasked sum by the weight sum: weighted FedAvg.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedguard.messages import Message
+from fedguard.pipeline.base import AggregateResult, Aggregator, ClientContext, ServerContext
+from fedguard.runtime.base import Communicator
+from fedguard.types import Params, num_params
+
+from .protocol import (
+    clear_state,
+    client_weight,
+    flatten_sorted,
+    from_json,
+    from_message,
+    load_state,
+    save_state,
+    to_json,
+    to_message,
+    unflatten_sorted,
+)
+from .secagg import (
+    AdvertiseKeys,
+    EncryptedShares,
+    KeysBroadcast,
+    MaskedInput,
+    SecAggAbort,
+    SecAggClient,
+    SecAggClientState,
+    SecAggConfig,
+    SecAggServer,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from .wire import WireError
+
+SETUP, KEYS = "secagg/setup", "secagg/keys"
+SHARE, SHARES = "secagg/share_keys", "secagg/shares"
+UNMASK, UNMASKED = "secagg/unmask", "secagg/unmask_result"
+FIT_RESULT = "fit_result"
+#: prefix of the protocol tensors in engine messages, and of the client's saved state
+PREFIX = "secagg/"
+_STATE_CONFIG, _STATE_CLIENT = "secagg/config/", "secagg/client/"
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """What the server needs to announce a round (from the ``[secure]`` section).
+
+    ``neighbours``/``threshold``/``min_survivors`` of ``None`` take the SecAgg+ defaults.
+    """
+
+    clip: float = 1.0
+    ring_bits: int = 32
+    max_weight: int = 1
+    weighting: str = "examples"
+    neighbours: int | None = None
+    threshold: int | None = None
+    min_survivors: int | None = None
+    min_clients: int = 1
+    seed: int = 0
+
+    def round_config(self, round: int, client_ids: list[int], vector_length: int) -> SecAggConfig:
+        """The public SecAggConfig of one round (update + saturation slot, weighted)."""
+        seed = hashlib.sha256(f"fedguard/secagg/{self.seed}/{round}".encode()).digest()
+        config = SecAggConfig.create(
+            client_ids,
+            vector_length + 1,
+            neighbours=self.neighbours,
+            threshold=self.threshold,
+            clip=self.clip,
+            ring_bits=self.ring_bits,
+            min_survivors=self.min_survivors,
+            weighted=True,
+            round_seed=seed,
+        )
+        if self.min_survivors is None and self.min_clients > config.min_survivors:
+            config = dataclasses.replace(config, min_survivors=min(self.min_clients, len(client_ids)))
+        if self.max_weight > config.max_weight:
+            raise ValueError(
+                f"secure.max_weight={self.max_weight} does not fit a {self.ring_bits}-bit ring summed over "
+                f"{len(client_ids)} clients (at most {config.max_weight}); raise secure.ring_bits"
+            )
+        return config
+
+    def mean_error_bound(self, clients: int, weight_sum: float | None = None) -> float:
+        """Bound on |SecAgg mean - exact weighted mean| per coordinate (no coordinate clipped).
+
+        Each client rounds ``w/M * u`` to the nearest multiple of ``step = 2 * clip / L`` (``L``
+        levels per client), so the sum of ``n`` is off by at most ``n * step / 2``; the mean
+        multiplies it by ``M / W`` (``W`` the weight sum, at least ``n``): at most
+        ``M * n * step / (2 * W)``, and ``M * step / 2`` whatever the weights.
+        """
+        config = self.round_config(0, list(range(max(clients, 2))), 1)
+        total = float(clients if weight_sum is None else weight_sum)
+        return self.max_weight * clients * config.quantizer.step / (2 * total)
+
+
+class _Round:
+    """The server side of one SecAgg+ round: the exchanges and what has failed so far."""
+
+    def __init__(self, comm: Communicator, round: int, config: SecAggConfig, ctx: ServerContext) -> None:
+        self.comm, self.round, self.config, self.ctx = comm, round, config, ctx
+        self.server = SecAggServer(config)
+        self.failed: dict[int, str] = {}
+
+    def exchange(self, messages: dict[int, Message], reply_kind: str, cls: type, stage: str) -> dict[int, Any]:
+        """Send, collect, parse: each client's reply as a protocol message (bad ones count as failed)."""
+        ex = self.comm.exchange(messages)
+        for cid, reason in ex.failed.items():
+            self.failed[cid] = f"{stage}: {reason}"
+        parsed: dict[int, Any] = {}
+        for cid in sorted(ex.replies):
+            msg = ex.replies[cid]
+            try:
+                wire = from_message(cls, msg, PREFIX, reply_kind)
+                if getattr(wire, "sender", cid) != cid or msg.round != self.round:
+                    raise WireError("sender or round does not match the request")
+            except (WireError, ValueError) as exc:
+                self.failed[cid] = f"{stage}: reply rejected: {exc}"
+                self.ctx.log(f"round {self.round}: secagg {stage} reply of client {cid} rejected: {exc}")
+                continue
+            parsed[cid] = wire
+        return parsed
+
+    def message(self, kind: str, cid: int, wire: Any) -> Message:
+        return to_message(kind, self.round, cid, wire, PREFIX)
+
+
+class SecAggAggregator(Aggregator):
+    """Weighted FedAvg through SecAgg+: the server only ever holds masked vectors and their sum."""
+
+    name = "secagg+"
+    hides_individual_updates = True
+
+    def __init__(self, settings: SecAggSettings) -> None:
+        self.settings = settings
+
+    # -- server ---------------------------------------------------------------------------
+    def aggregate(
+        self, comm: Communicator, round: int, fit_messages: dict[int, Message], like: Params, ctx: ServerContext
+    ) -> AggregateResult:
+        """Run the four stages; an abort leaves ``delta`` None with the reason."""
+        ids = sorted(fit_messages)
+        try:
+            config = self.settings.round_config(round, ids, num_params(like))
+        except ValueError as exc:
+            return AggregateResult(None, [], {}, aborted=f"secure aggregation cannot start: {exc}")
+        state = _Round(comm, round, config, ctx)
+        try:
+            return self._run(state, fit_messages, like)
+        except SecAggAbort as exc:
+            return AggregateResult(None, [], state.failed, aborted=f"secure aggregation aborted: {exc}")
+
+    def _run(self, st: _Round, fit_messages: dict[int, Message], like: Params) -> AggregateResult:
+        adverts = st.exchange({c: st.message(SETUP, c, st.config) for c in fit_messages}, KEYS, AdvertiseKeys, "setup")
+        bcast = st.server.receive_keys(adverts.values())
+        shares = st.exchange({c: st.message(SHARE, c, m) for c, m in bcast.items()}, SHARES, ShareKeys, "share")
+        routed = st.server.receive_shares(shares.values())
+        masked = st.exchange(self._fit_messages(fit_messages, routed), FIT_RESULT, MaskedInput, "fit")
+        for cid, m in masked.items():
+            try:
+                st.server.add_masked_input(m)
+            except SecAggAbort as exc:
+                st.failed[cid] = f"fit: masked input rejected: {exc}"
+        requests = st.server.unmask_requests()
+        answers = st.exchange({c: st.message(UNMASK, c, m) for c, m in requests.items()}, UNMASKED,
+                              UnmaskResponse, "unmask")
+        result = st.server.finish(answers.values())
+        return self._result(st, result, like, len(answers))
+
+    def _fit_messages(self, fit_messages: dict[int, Message], routed: dict[int, EncryptedShares]) -> dict[int, Message]:
+        """Each live client's fit instruction, with its routed shares and the encoding it must use."""
+        out = {}
+        for cid, shares in routed.items():
+            fit = fit_messages[cid]
+            spec = {"shares": to_json(shares), "weighting": self.settings.weighting,
+                    "max_weight": self.settings.max_weight}
+            out[cid] = Message(fit.kind, fit.round, cid, {**fit.meta, "secagg": spec}, fit.tensors)
+        return out
+
+    def _result(self, st: _Round, result: Any, like: Params, answered: int) -> AggregateResult:
+        """The weighted mean update, and round figures, from the unmasked sum."""
+        n_params, n = num_params(like), len(result.survivors)
+        if not result.weight_sum:
+            raise SecAggAbort("the unmasked weight sum is zero")
+        mean = result.total[:n_params] * (self.settings.max_weight / result.weight_sum)
+        delta = unflatten_sorted(torch.from_numpy(mean), like)
+        for cid in result.survivors:
+            st.failed.pop(cid, None)  # in the sum: the round counts them, even if gone before unmasking
+        metrics = {
+            "secagg_survivors": float(n),
+            "secagg_unmask_answers": float(answered),
+            "secagg_saturated": float(result.total[n_params] / (n * st.config.clip)),
+        }
+        return AggregateResult(delta, list(result.survivors), st.failed, float(result.weight_sum), metrics)
+
+    # -- client ---------------------------------------------------------------------------
+    def client_handlers(self) -> dict[str, Any]:
+        """The SecAgg stages a client answers besides ``fit``."""
+        return {SETUP: _on_setup, SHARE: _on_share_keys, UNMASK: _on_unmask}
+
+    def client_finalize(self, update: Params, ctx: ClientContext) -> tuple[Params, dict[str, Any]]:
+        """Mask ``[w/M * update, saturation, w]`` with the shares routed in the fit instruction."""
+        spec = ctx.instructions.get("secagg")
+        if not isinstance(spec, dict):
+            raise SecAggAbort(f"client {ctx.client_id}: the fit instruction carries no secagg shares")
+        config, client = _restore(ctx, 2)
+        shares = from_json(EncryptedShares, spec["shares"])
+        weight = client_weight(ctx, str(spec["weighting"]), int(spec["max_weight"]))
+        vector = _encode(flatten_sorted(update), weight, int(spec["max_weight"]), config)
+        masked = client.mask_input(shares, vector, weight)
+        save_state(ctx.state, _STATE_CLIENT, client.export_state())
+        msg = to_message(FIT_RESULT, ctx.round, ctx.client_id, masked, PREFIX)
+        # the weight and training metrics would reveal per-client values: they travel masked or not at all
+        return msg.tensors, {"wire": msg.meta["wire"], "num_examples": None, "metrics": {}}
+
+
+def _encode(update: torch.Tensor, weight: int, max_weight: int, config: SecAggConfig) -> np.ndarray:
+    """``[M/w * (w/M * u), saturation * clip / w]``: after the client's ``* w`` this is ``[w/M u, sat*clip]``.
+
+    ``mask_input`` multiplies the vector by the integer weight ``w`` before quantizing; dividing by
+    ``M`` first keeps ``w/M * u`` within the clipping range whatever the dataset sizes.
+    """
+    scaled = update.double().numpy() / max_weight
+    saturated = float(np.mean(np.abs(scaled * weight) > config.clip)) if scaled.size else 0.0
+    return np.append(scaled, saturated * config.clip / weight)
+
+
+def _restore(ctx: ClientContext, stage: int) -> tuple[SecAggConfig, SecAggClient]:
+    """This client's SecAgg config and client, as saved after the previous stage of this round."""
+    if ctx.state.get("secagg/round") != ctx.round:
+        raise SecAggAbort(f"client {ctx.client_id}: no SecAgg state for round {ctx.round} (missed the setup?)")
+    config = load_state(ctx.state, _STATE_CONFIG, SecAggConfig)
+    saved = load_state(ctx.state, _STATE_CLIENT, SecAggClientState)
+    if config is None or saved is None or saved.stage != stage:
+        raise SecAggAbort(f"client {ctx.client_id}: SecAgg state is not at stage {stage} of round {ctx.round}")
+    return config, SecAggClient.restore(config, saved)
+
+
+def _on_setup(msg: Message, ctx: ClientContext) -> Message:
+    """Stage 0: join the announced round with fresh key pairs; reply with the public keys."""
+    config = from_message(SecAggConfig, msg, PREFIX, SETUP)
+    client = SecAggClient(ctx.client_id, config)
+    advert = client.advertise_keys()
+    clear_state(ctx.state, PREFIX)
+    ctx.state["secagg/round"] = msg.round
+    save_state(ctx.state, _STATE_CONFIG, config)
+    save_state(ctx.state, _STATE_CLIENT, client.export_state())
+    return to_message(KEYS, msg.round, ctx.client_id, advert, PREFIX)
+
+
+def _on_share_keys(msg: Message, ctx: ClientContext) -> Message:
+    """Stage 1: share the self-mask seed and mask key among the neighbours."""
+    _, client = _restore(ctx, 1)
+    shares = client.share_keys(from_message(KeysBroadcast, msg, PREFIX, SHARE))
+    save_state(ctx.state, _STATE_CLIENT, client.export_state())
+    return to_message(SHARES, msg.round, ctx.client_id, shares, PREFIX)
+
+
+def _on_unmask(msg: Message, ctx: ClientContext) -> Message:
+    """Stage 3: reveal the shares the server may have, then forget this round's secrets."""
+    _, client = _restore(ctx, 3)
+    response = client.unmask(from_message(UnmaskRequest, msg, PREFIX, UNMASK))
+    clear_state(ctx.state, PREFIX)
+    return to_message(UNMASKED, msg.round, ctx.client_id, response, PREFIX)
