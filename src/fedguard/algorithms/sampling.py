@@ -41,6 +41,9 @@ class ClientSampler:
     seed: int = 0
     join: dict[int, int] = field(default_factory=dict)
     leave: dict[int, int] = field(default_factory=dict)
+    #: sample each available client independently with probability ``sampling_rate`` (a varying
+    #: number per round) instead of a fixed number: what client-level DP accounting assumes
+    poisson: bool = False
 
     def available(self, round: int) -> list[int]:
         """Clients that can be sampled in ``round``."""
@@ -56,6 +59,9 @@ class ClientSampler:
     def sample(self, round: int) -> list[int]:
         """Sorted ids of the clients sampled in ``round``."""
         pool = self.available(round)
+        if self.poisson:
+            keep = np.random.default_rng([self.seed, round]).random(len(pool)) < self.sampling_rate
+            return [c for c, kept in zip(pool, keep, strict=True) if kept]
         k = self.per_round(len(pool))
         if k == len(pool):
             return pool
@@ -65,4 +71,6 @@ class ClientSampler:
     @property
     def sampling_rate(self) -> float:
         """Probability that a given client is sampled in a round (for privacy accounting)."""
+        if self.poisson:
+            return min(1.0, self.count / self.population) if self.count else self.fraction
         return self.per_round(self.population) / self.population
