@@ -173,3 +173,11 @@ def test_messages_roundtrip_without_pickle_and_reject_garbage():
     for garbage in [b"", b"\x00" * 7, b"garbage that is not a message", msg.to_bytes()[:-3]]:
         with pytest.raises(MessageError):
             Message.from_bytes(garbage)
+
+
+def test_per_client_test_split_gives_federated_evaluation(tmp_path):
+    result = run(tmp_path, "data.client_test_fraction=0.25", "run.rounds=2")
+    last = result.rows[-1]
+    assert 0.0 <= last["clients_test_accuracy"] <= 1.0 and last["clients_test_loss"] > 0
+    sizes = json.loads((result.run_dir / "partition.json").read_text())["sizes"]
+    assert sum(sizes) == pytest.approx(1200 * 0.75, abs=6)

@@ -72,11 +72,13 @@ class Server:
         seed: int = 0,
         min_clients: int = 1,
         log: Callable[[str], None] = print,
+        federated_eval: bool = False,
     ) -> None:
         pipeline.validate()
         self.task, self.model, self.pipeline = task, model, pipeline
         self.sampler, self.comm, self.test_data = sampler, comm, test_data
         self.seed, self.min_clients, self.log = seed, min_clients, log
+        self.federated_eval = federated_eval
         self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.round = 0
 
@@ -137,12 +139,34 @@ class Server:
             t0 = time.perf_counter()
             record.metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
             record.eval_s = time.perf_counter() - t0
+        if evaluate and self.federated_eval:
+            t0 = time.perf_counter()
+            record.metrics.update({f"clients_test_{k}": v for k, v in self.evaluate_on_clients(round, sampled).items()})
+            record.eval_s += time.perf_counter() - t0
         return record
 
     def evaluate(self) -> dict[str, float]:
         """The task's metrics for the current global model on the held-out data."""
         assert self.test_data is not None
         return self.task.evaluate(self.model, self.params, self.test_data)
+
+    def evaluate_on_clients(self, round: int, clients: list[int]) -> dict[str, float]:
+        """Federated evaluation: each client scores the global model on its local test split.
+
+        Returns the example-weighted mean of the clients' metrics (clients that fail are skipped).
+        """
+        messages = {cid: Message("evaluate", round, cid, {}, self.params) for cid in clients}
+        replies = self.comm.exchange(messages).replies
+        total = sum(int(m.meta.get("num_examples", 0)) for m in replies.values())
+        if total == 0:
+            return {}
+        sums: dict[str, float] = {}
+        for msg in replies.values():
+            n = int(msg.meta.get("num_examples", 0))
+            for k, v in msg.meta.get("metrics", {}).items():
+                if isinstance(v, (int, float)):
+                    sums[k] = sums.get(k, 0.0) + n * float(v)
+        return {k: v / total for k, v in sums.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume: model, optimiser, step and ledger state, round."""

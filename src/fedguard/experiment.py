@@ -31,7 +31,7 @@ from fedguard.algorithms.sampling import ClientSampler, parse_schedule
 from fedguard.checkpoint import load_state, save_state
 from fedguard.config import Config
 from fedguard.data.arrays import ArrayDataset
-from fedguard.data.partition import label_matrix, partition
+from fedguard.data.partition import label_matrix, partition, train_test_split_per_client
 from fedguard.data.registry import load_dataset
 from fedguard.engine import Server
 from fedguard.pipeline.base import ConfigurationError
@@ -96,11 +96,22 @@ class Setup:
     sampler: ClientSampler
     trainer: Any
     pipeline: Any
+    #: each client's local test indices (empty without data.client_test_fraction)
+    local_test: list[np.ndarray] = field(default_factory=list)
 
     def make_client(self, cid: int, store: Any) -> ClientApp:
         """Client ``cid`` with its own slice of the data."""
+        local_test = self.train.subset(self.local_test[cid], f"client-{cid}-test") if self.local_test else None
         return ClientApp(
-            cid, self.task, self.model, self.client_data(cid), self.trainer, self.pipeline, self.config.run.seed, store
+            cid,
+            self.task,
+            self.model,
+            self.client_data(cid),
+            self.trainer,
+            self.pipeline,
+            self.config.run.seed,
+            store,
+            local_test,
         )
 
     def client_data(self, cid: int) -> ArrayDataset:
@@ -229,13 +240,16 @@ class Experiment:
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
             raise ConfigurationError(f"clients {empty[:5]} got no examples; use fewer clients or a larger alpha")
+        local_test: list[np.ndarray] = []
+        if cfg.data.client_test_fraction > 0:
+            parts, local_test = train_test_split_per_client(parts, cfg.data.client_test_fraction, cfg.run.seed)
         task = self.user_task or builders.build_task(cfg, train)
         model = builders.seeded_model(task, cfg.run.seed)
         sampler = self.make_sampler()
         bctx = builders.BuildContext(cfg, train, [len(p) for p in parts], sampler, task, self.log)
         trainer = builders.build_trainer(bctx)
         pipeline = builders.build_pipeline(bctx)
-        return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline)
+        return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline, local_test)
 
     # -- running --------------------------------------------------------------------------
     def run(
@@ -285,6 +299,7 @@ class Experiment:
             cfg.run.seed,
             cfg.server.min_clients,
             self.log,
+            federated_eval=bool(setup.local_test),
         )
         first_round = 1
         if resume:

@@ -17,7 +17,7 @@ class RunProgress:
         self.enabled, self.primary = enabled, primary
         self.progress = Progress(
             TextColumn("round {task.completed:>3.0f}/{task.total:.0f}"),
-            BarColumn(),
+            BarColumn(bar_width=24),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             TextColumn("left"),

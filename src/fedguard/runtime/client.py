@@ -39,12 +39,18 @@ class ClientApp:
         pipeline: UpdatePipeline,
         seed: int,
         store: StateStore | None = None,
+        test_data: ArrayDataset | None = None,
     ) -> None:
         self.client_id = client_id
         self.task, self.model, self.data = task, model, data
         self.trainer, self.pipeline, self.seed = trainer, pipeline, seed
         self.store = store or MemoryStateStore()
-        self.handlers: dict[str, Handler] = {"fit": self._fit, **pipeline.client_handlers()}
+        self.test_data = test_data
+        self.handlers: dict[str, Handler] = {
+            "fit": self._fit,
+            "evaluate": self._evaluate,
+            **pipeline.client_handlers(),
+        }
 
     def handle(self, msg: Message) -> Message:
         """Answer one message from the server."""
@@ -78,3 +84,12 @@ class ClientApp:
         payload, meta = self.pipeline.aggregator.client_finalize(update, ctx)
         reply_meta = {"num_examples": len(self.data), "metrics": metrics, **ctx.reply_meta, **meta}
         return Message("fit_result", msg.round, self.client_id, reply_meta, payload)
+
+    def _evaluate(self, msg: Message, ctx: ClientContext) -> Message:
+        """Metrics of the received global model on this client's local test split."""
+        if self.test_data is None or len(self.test_data) == 0:
+            return Message("evaluate_result", msg.round, self.client_id, {"num_examples": 0, "metrics": {}})
+        params = {k: v.float() for k, v in msg.tensors.items()}
+        metrics = self.task.evaluate(self.model, params, self.test_data)
+        meta = {"num_examples": len(self.test_data), "metrics": metrics}
+        return Message("evaluate_result", msg.round, self.client_id, meta)
