@@ -203,6 +203,11 @@ class SecAggAggregator(Aggregator):
         requests = st.server.unmask_requests()
         answers = st.exchange({c: st.message(UNMASK, c, m) for c, m in requests.items()}, UNMASKED,
                               UnmaskResponse, "unmask")
+        if len(answers) < st.config.threshold:
+            raise SecAggAbort(
+                f"only {len(answers)} of {len(requests)} surviving clients answered the unmasking request; "
+                f"the masks cannot be removed with fewer than t={st.config.threshold}"
+            )
         result = st.server.finish(answers.values())
         return self._result(st, result, like, len(answers))
 
