@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(conf)
     conf.add_argument("--reference", action="store_true", help="every option with type, default, help")
     conf.set_defaults(func=_cmd_config)
+    from fedguard.runtime.network.commands import add_network_commands
+
+    add_network_commands(sub)
     return parser
 
 

@@ -7,4 +7,5 @@ hook lists in :mod:`fedguard.builders`; add one import line here per family.
 from __future__ import annotations
 
 import fedguard.builders  # noqa: F401
+import fedguard.runtime.network.settings  # noqa: F401  ([network] section)
 import fedguard.secure.register  # noqa: F401  ([secure] section: SecAgg+ and CKKS aggregators)

@@ -1,0 +1,176 @@
+"""Launch a server and client processes on loopback: for tests, benchmarks and fault drills.
+
+Every process is a real ``python -m fedguard.cli server|client`` with its own log; the
+harness watches the logs for lines (``wait_for``) and kills processes by their own pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedguard.runtime.network.certs import make_dev_pki
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A child process whose combined output is kept line by line (and written to a log file)."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path) -> None:
+        self.name, self.argv, self.log_path = name, argv, log_path
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self.popen.pid
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        with self.log_path.open("a") as log:
+            for line in self.popen.stdout:
+                log.write(line)
+                log.flush()
+                with self._cond:
+                    self.lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
+        """The first log line (from index ``start``) matching ``pattern``; TimeoutError otherwise."""
+        regex = re.compile(pattern)
+        end = time.monotonic() + timeout
+        i = start
+        with self._cond:
+            while True:
+                while i < len(self.lines):
+                    match = regex.search(self.lines[i])
+                    if match:
+                        return match
+                    i += 1
+                remaining = end - time.monotonic()
+                if remaining <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
+                    tail = "\n".join(self.lines[-15:])
+                    what = f"{self.name}: no line matching {pattern!r} within {timeout} s"
+                    raise TimeoutError(f"{what}; last lines:\n{tail}")
+                self._cond.wait(min(remaining, 0.5))
+
+    def count(self, pattern: str) -> int:
+        """How many log lines match ``pattern``."""
+        regex = re.compile(pattern)
+        with self._cond:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to this child (by its pid)."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, waiting up to ``timeout`` seconds."""
+        rc = self.popen.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
+
+
+class LocalDeployment:
+    """A folder with certificates, a configuration and the processes of one loopback deployment."""
+
+    def __init__(self, folder: str | Path, clients: int, config: dict[str, Any], tls: bool = True, mtls: bool = True):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.clients, self.tls, self.mtls = clients, tls, mtls
+        self.port = free_port()
+        self.certs = self.folder / "certs"
+        make_dev_pki(self.certs, clients)
+        self.config = self._with_network(config)
+        self.config_path = self.folder / "config.toml"
+        self.config_path.write_text(tomli_w.dumps(self.config))
+        self.procs: list[Proc] = []
+
+    def _with_network(self, config: dict[str, Any]) -> dict[str, Any]:
+        net: dict[str, Any] = {"address": f"127.0.0.1:{self.port}", "clients": str(self.certs / "clients.json")}
+        if self.tls:
+            net.update({"cert": str(self.certs / "server.pem"), "key": str(self.certs / "server-key.pem")})
+            if self.mtls:
+                net["client_ca"] = str(self.certs / "ca.pem")
+        else:
+            net["tls"] = "off"
+        out = {k: dict(v) for k, v in config.items()}
+        out["network"] = {**net, **out.get("network", {})}
+        return out
+
+    @property
+    def address(self) -> str:
+        """host:port of the server."""
+        return f"127.0.0.1:{self.port}"
+
+    def _spawn(self, name: str, args: list[str], module: str = "fedguard.cli") -> Proc:
+        proc = Proc(name, [sys.executable, "-m", module, *args], self.folder / f"{name}.log", self.folder)
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self, run_dir: str | Path, resume: bool = False, extra: list[str] | None = None) -> Proc:
+        """``fedguard server`` on this deployment's configuration (or ``--resume``)."""
+        args = ["server", "--resume", str(run_dir)]
+        if not resume:
+            args = ["server", str(self.config_path), "--out", str(run_dir)]
+        return self._spawn("server", args + (extra or []))
+
+    def client_args(self, cid: int, key_of: int | None = None) -> list[str]:
+        """Connection arguments of client ``cid`` (``key_of``: use another client's credentials)."""
+        k = cid if key_of is None else key_of
+        args = ["--server", self.address, "--key", str(self.certs / f"client-{k}.key")]
+        if not self.tls:
+            return args + ["--insecure"]
+        args += ["--ca", str(self.certs / "ca.pem")]
+        if self.mtls:
+            args += ["--cert", str(self.certs / f"client-{k}.pem")]
+            args += ["--cert-key", str(self.certs / f"client-{k}-key.pem")]
+        return args
+
+    def start_client(self, cid: int, extra: list[str] | None = None, name: str | None = None) -> Proc:
+        """``fedguard client`` number ``cid``."""
+        return self._spawn(name or f"client-{cid}", ["client", *self.client_args(cid), *(extra or [])])
+
+    def start_fuzzer(self, cid: int, messages: int, rounds: int, max_message_mb: float, seed: int = 0) -> Proc:
+        """The fuzzing client (:mod:`fedguard.runtime.network.fuzz`) with client ``cid``'s credentials."""
+        args = [*self.client_args(cid), "--messages", str(messages), "--rounds", str(rounds)]
+        args += ["--seed", str(seed), "--max-message-mb", str(max_message_mb)]
+        return self._spawn(f"fuzzer-{cid}", args, module="fedguard.runtime.network.fuzz")
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """Terminate whatever is still running (by pid), then kill what does not stop."""
+        for proc in self.procs:
+            proc.kill(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill(signal.SIGKILL)
+                proc.wait(5)
