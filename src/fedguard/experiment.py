@@ -357,6 +357,8 @@ class Experiment:
                         break
                     evaluate = r == rounds or (every > 0 and r % every == 0)
                     record = server.run_round(r, evaluate)
+                    if evaluate and cfg.run.report:
+                        task.on_evaluate(setup.model, server.params, r, run_dir / "plots")
                     row = record.row()
                     writer.write(row)
                     progress.update(row)

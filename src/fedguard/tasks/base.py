@@ -63,6 +63,9 @@ class Task(ABC):
         """Task-specific pictures for the run report: (caption, PNG path) pairs."""
         return []
 
+    def on_evaluate(self, model: nn.Module, params: Params, round: int, out_dir: Path) -> None:
+        """Called on the server after each evaluation round (e.g. to save progress pictures)."""
+
     def final_metrics(
         self, model: nn.Module, params: Params, train: ArrayDataset, test: ArrayDataset
     ) -> dict[str, float]:
