@@ -1,0 +1,244 @@
+"""Secure aggregation and CKKS benchmarks: ``secagg``, ``ckks`` and ``secure-accuracy``.
+
+* ``secagg``: 100 clients, a 100,180-parameter MLP, 10% of the clients vanish after sending their
+  masked update (``faults.dropout_stage=secagg/unmask``). Exactness three ways (the protocol's ring
+  sum, the engine's aggregate with and without the drop-outs, and the float64 FedAvg bound), then
+  the round time of SecAgg+ over plaintext FedAvg, and the bytes each client sends.
+* ``ckks``: 10 clients and CNN-M (1.66 M parameters): CKKS round time vs plaintext, ciphertext
+  bytes per client, and the aggregate's error against the float64 FedAvg mean.
+* ``secure-accuracy``: full MNIST, 10 clients, CNN-S, 20 rounds, plaintext vs SecAgg+ vs CKKS.
+
+Run: ``python benchmarks/run.py secagg`` (``--quick`` shrinks every workload for CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedguard import Config, Experiment
+from fedguard.engine import Server
+from fedguard.pipeline.base import ServerContext
+from fedguard.runtime.base import FaultModel
+from fedguard.runtime.simulation import SerialCommunicator
+from fedguard.runtime.state_store import MemoryStateStore
+from fedguard.secure import SecAggConfig, make_parties, simulate_round
+
+QUIET = ["run.progress=false", "run.report=false"]
+
+
+def mlp_100k() -> nn.Module:
+    """784-126-10 perceptron: 100,180 parameters (the issue's 100,000-parameter model), seeded init."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 126), nn.ReLU(), nn.Linear(126, 10))
+
+
+def _data(args: argparse.Namespace) -> list[str]:
+    if args.quick:
+        return ["data.dataset=mnist-5k"]
+    return ["data.dataset=mnist", f"data.data_dir={args.data_dir}"]
+
+
+def _experiment(overrides: list[str], model: nn.Module | None = None) -> Experiment:
+    return Experiment(Config.load(None, [*QUIET, *overrides]), model=model, log=lambda s: None)
+
+
+def _per_client(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Bytes per client in the last round (steady state), client -> server (up) and server -> client (down).
+
+    From metrics.jsonl: every serialised message of the round, divided by the sampled clients.
+    ``first_down`` is the first round's downlink (CKKS sends each client the public key then).
+    """
+    last, first = rows[-1], rows[0]
+    return {
+        "up": round(last["bytes_received"] / last["sampled_clients"]),
+        "down": round(last["bytes_sent"] / last["sampled_clients"]),
+        "first_down": round(first["bytes_sent"] / first["sampled_clients"]),
+    }
+
+
+def _timed_run(overrides: list[str], out: Path, name: str, model_fn=None) -> dict[str, Any]:
+    """One engine run (worker processes, as a user runs it): round times, bytes, accuracy."""
+    exp = _experiment(overrides, model_fn() if model_fn else None)
+    result = exp.run(run_dir=out / f"{name}-{int(time.time() * 1000)}")
+    rounds = [r["round_s"] for r in result.rows]
+    return {
+        "round_s": rounds,
+        "median_round_s": statistics.median(rounds),
+        "bytes": _per_client(result.rows),
+        "accuracy": result.final.get("test_accuracy"),
+        "aborted": [r["aborted"] for r in result.rows if r["aborted"]],
+        "rows": result.rows,
+        "config": exp.config.to_dict(),
+    }
+
+
+def _serial_server(overrides: list[str], model_fn=None, faults: FaultModel | None = None) -> Server:
+    """A server over in-process clients, to call the aggregator directly."""
+    setup = _experiment(overrides, model_fn() if model_fn else None).assemble()
+    store = MemoryStateStore()
+    comm = SerialCommunicator(lambda cid: setup.make_client(cid, store), faults)
+    return Server(setup.task, setup.model, setup.pipeline, setup.sampler, comm, setup.test, 0, 1, lambda s: None)
+
+
+def _aggregate(server: Server, round: int = 1) -> Any:
+    sampled = server.sampler.sample(round)
+    ctx = ServerContext(round, sampled, [], server.sampler.population, torch.Generator(), lambda s: None)
+    fits = server.broadcast(round, sampled)
+    return server.pipeline.aggregator.aggregate(server.comm, round, fits, server.params, ctx)
+
+
+def _exact_mean(overrides: list[str], model_fn=None) -> dict[str, torch.Tensor]:
+    """Round 1's weighted FedAvg mean of the plaintext updates, in float64."""
+    server = _serial_server(overrides, model_fn)
+    sampled = server.sampler.sample(1)
+    ctx = ServerContext(1, sampled, [], server.sampler.population, torch.Generator(), lambda s: None)
+    _, updates, weights, _, _ = server.pipeline.aggregator.collect(
+        server.comm, 1, server.broadcast(1, sampled), server.params, ctx
+    )
+    total = float(sum(weights))
+    return {k: sum(u[k].double() * w for u, w in zip(updates, weights, strict=True)) / total for k in updates[0]}
+
+
+def _max_err(delta: dict[str, torch.Tensor], exact: dict[str, torch.Tensor]) -> float:
+    return max(float((delta[k].double() - exact[k]).abs().max()) for k in exact)
+
+
+def _protocol_exact(clients: int, length: int, dropout: float) -> dict[str, Any]:
+    """SecAgg+ alone: the unmasked ring sum equals the survivors' quantized sum, bit for bit."""
+    config = SecAggConfig.create(range(clients), length, clip=1.0)
+    parties, server = make_parties(config)
+    rng = np.random.default_rng(0)
+    inputs = {u: rng.uniform(-1, 1, length) for u in config.client_ids}
+    gone = set(range(0, clients, round(1 / dropout))) if dropout else set()
+    trace = simulate_round(parties, server, inputs, drop_after_masking=gone)
+    want = sum(config.quantizer.quantize(inputs[u]).astype(np.uint64) for u in config.client_ids)
+    want = (want % 2**config.ring_bits).astype(config.quantizer.dtype)
+    return {
+        "exact": bool(np.array_equal(trace.result.ring_sum, want)),
+        "dropped_after_masking": len(gone),
+        "client_s": round(statistics.median(trace.client_seconds.values()), 4),
+        "server_s": round(trace.server_seconds, 4),
+        "bytes_sent_per_client": round(statistics.median(trace.bytes_sent.values())),
+        "neighbours": config.neighbours,
+        "threshold": config.threshold,
+    }
+
+
+def bench_secagg(args: argparse.Namespace) -> dict[str, Any]:
+    """SecAgg+ with 100 clients, 100k parameters, 10% dropping after masking: exact sum and overhead."""
+    clients, dropout, rounds = (20, 0.1, 2) if args.quick else (100, 0.1, 3)
+    base = [*_data(args), f"data.num_clients={clients}", "data.partition=iid", "server.fraction=1.0",
+            "train.lr=0.05", "train.momentum=0.9", f"run.rounds={rounds}", "run.eval_every=0"]
+    secure = [*base, "secure.mode=secagg"]
+    drops = [*secure, "faults.dropout_stage=secagg/unmask", f"faults.dropout_rate={dropout}"]
+    out = Path(args.out)
+    protocol = _protocol_exact(clients, 100_180, dropout)
+    # engine, round 1: with and without the drop-outs, and the float64 plaintext mean
+    exact64 = _exact_mean(base, mlp_100k)
+    full = _aggregate(_serial_server(secure, mlp_100k))
+    dropped_server = _serial_server(drops, mlp_100k, FaultModel(dropout, 0, ("secagg/unmask",)))
+    partial = _aggregate(dropped_server)
+    settings = dropped_server.pipeline.aggregator.settings
+    bound = settings.mean_error_bound(clients, partial.weight)
+    same = all(torch.equal(full.delta[k], partial.delta[k]) for k in full.delta)
+    err = _max_err(partial.delta, exact64)
+    answered = int(partial.metrics["secagg_unmask_answers"])
+    # timing: alternate plaintext and SecAgg+ runs (worker processes), median round time
+    plain_runs, secagg_runs = [], []
+    for _ in range(1 if args.quick else 2):
+        plain_runs.append(_timed_run(base, out, "plain", mlp_100k))
+        secagg_runs.append(_timed_run(drops, out, "secagg", mlp_100k))
+    plain_s = statistics.median(s for r in plain_runs for s in r["round_s"])
+    secagg_s = statistics.median(s for r in secagg_runs for s in r["round_s"])
+    return {
+        "clients": clients,
+        "dropout": dropout,
+        "dropped_after_masking": clients - answered,
+        "exact": bool(protocol["exact"] and same and err <= bound + 2**-23 * 1.0),
+        "exact_ring_protocol": protocol["exact"],
+        "engine_same_with_and_without_dropouts": same,
+        "max_abs_err_vs_float64_fedavg": err,
+        "quantization_bound": bound,
+        "params": sum(v.numel() for v in full.delta.values()),
+        "model": "MLP 784-126-10 (passed as model=..., so task.model in the config does not apply)",
+        "plain_round_s": round(plain_s, 3),
+        "secagg_round_s": round(secagg_s, 3),
+        "overhead_ratio": round(secagg_s / plain_s, 3),
+        "bytes_per_client": secagg_runs[0]["bytes"]["up"],
+        "plain_bytes_per_client": plain_runs[0]["bytes"]["up"],
+        "bytes_to_client": {"plain": plain_runs[0]["bytes"]["down"], "secagg": secagg_runs[0]["bytes"]["down"]},
+        "protocol": protocol,
+        "aborted_rounds": [a for r in secagg_runs for a in r["aborted"]],
+        "round_s": {"plain": [r["round_s"] for r in plain_runs], "secagg": [r["round_s"] for r in secagg_runs]},
+        "config": secagg_runs[0]["config"],
+    }
+
+
+def bench_ckks(args: argparse.Namespace) -> dict[str, Any]:
+    """CKKS with 10 clients and CNN-M (1.66 M parameters): round time, ciphertext bytes, error."""
+    clients = 4 if args.quick else 10
+    model = "cnn-s" if args.quick else "cnn-m"
+    base = [*_data(args), f"data.num_clients={clients}", "data.partition=iid", "server.fraction=1.0",
+            f"task.model={model}", "train.lr=0.05", "train.momentum=0.9", "run.rounds=2", "run.eval_every=0"]
+    if args.quick:
+        base.append("data.max_train_examples=1200")
+    secure = [*base, "secure.mode=ckks"]
+    exact64 = _exact_mean(base)
+    t0 = time.perf_counter()
+    result = _aggregate(_serial_server(secure))
+    serial_round_s = time.perf_counter() - t0
+    plain = _timed_run(base, Path(args.out), "ckks-plain")
+    ckks = _timed_run(secure, Path(args.out), "ckks")
+    return {
+        "clients": clients,
+        "params": sum(v.numel() for v in result.delta.values()),
+        "round_s": round(statistics.median(ckks["round_s"]), 3),
+        "plain_round_s": round(statistics.median(plain["round_s"]), 3),
+        "round_s_each": {"plain": plain["round_s"], "ckks": ckks["round_s"]},
+        "serial_first_round_s": round(serial_round_s, 3),
+        "bytes_per_client": ckks["bytes"]["up"],
+        "plain_bytes_per_client": plain["bytes"]["up"],
+        "bytes_to_client": {"plain": plain["bytes"]["down"], "ckks": ckks["bytes"]["down"]},
+        "public_context_bytes_first_round": ckks["bytes"]["first_down"] - ckks["bytes"]["down"],
+        "ciphertexts_per_client": int(result.metrics["ckks_ciphertexts"]),
+        "max_abs_err": _max_err(result.delta, exact64),
+        "aborted_rounds": ckks["aborted"],
+        "config": ckks["config"],
+    }
+
+
+def bench_secure_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """Full MNIST, 10 clients, CNN-S, 20 rounds: plaintext vs SecAgg+ vs CKKS test accuracy."""
+    rounds = 2 if args.quick else 20
+    base = [*_data(args), "data.num_clients=10", "data.partition=dirichlet", "data.alpha=0.5", "server.fraction=1.0",
+            "task.model=cnn-s", "train.lr=0.05", "train.momentum=0.9", "train.batch_size=32",
+            f"run.rounds={rounds}", "run.eval_every=0"]
+    if args.quick:
+        base.append("data.max_train_examples=1200")
+    out = Path(args.out)
+    runs = {mode: _timed_run([*base, f"secure.mode={mode}"], out, f"acc-{mode}") for mode in ("none", "secagg", "ckks")}
+    acc = {mode: r["accuracy"] for mode, r in runs.items()}
+    return {
+        "plain_accuracy": acc["none"],
+        "secagg_accuracy": acc["secagg"],
+        "ckks_accuracy": acc["ckks"],
+        "max_gap_points": round(100 * max(abs(acc["secagg"] - acc["none"]), abs(acc["ckks"] - acc["none"])), 3),
+        "rounds": rounds,
+        "median_round_s": {mode: round(r["median_round_s"], 3) for mode, r in runs.items()},
+        "bytes_per_client": {mode: r["bytes"]["up"] for mode, r in runs.items()},
+        "bytes_to_client": {mode: r["bytes"]["down"] for mode, r in runs.items()},
+        "aborted_rounds": {mode: r["aborted"] for mode, r in runs.items()},
+        "config": runs["secagg"]["config"],
+    }
+
+
+BENCHMARKS = {"secagg": bench_secagg, "ckks": bench_ckks, "secure-accuracy": bench_secure_accuracy}
