@@ -32,9 +32,11 @@ def free_port() -> int:
 class Proc:
     """A child process whose combined output is kept line by line (and written to a log file)."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, cwd: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, cwd: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.argv, self.log_path = name, argv, log_path
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.popen = subprocess.Popen(
             argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
@@ -130,7 +132,10 @@ class LocalDeployment:
         return f"127.0.0.1:{self.port}"
 
     def _spawn(self, name: str, args: list[str], module: str = "fedguard.cli") -> Proc:
-        proc = Proc(name, [sys.executable, "-m", module, *args], self.folder / f"{name}.log", self.folder)
+        # clients compute at one thread, as the simulation's workers do; the server keeps its threads
+        env = {} if args[:1] == ["server"] else {"OMP_NUM_THREADS": "1"}
+        argv = [sys.executable, "-m", module, *args]
+        proc = Proc(name, argv, self.folder / f"{name}.log", self.folder, env)
         self.procs.append(proc)
         return proc
 
