@@ -7,5 +7,6 @@ hook lists in :mod:`fedguard.builders`; add one import line here per family.
 from __future__ import annotations
 
 import fedguard.builders  # noqa: F401
+import fedguard.privacy.register  # noqa: F401  ([dp] section: DP-SGD, DP-FedAvg, local DP, privacy ledger)
 import fedguard.runtime.network.settings  # noqa: F401  ([network] section)
 import fedguard.secure.register  # noqa: F401  ([secure] section: SecAgg+ and CKKS aggregators)

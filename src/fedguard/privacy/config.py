@@ -1,0 +1,98 @@
+"""The ``[dp]`` configuration section: which DP mechanism, its parameters and the ledger's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedguard.config import option
+
+
+@dataclass
+class DPConfig:
+    """[dp] differential privacy: sample-level (DP-SGD), client-level (DP-FedAvg) or local."""
+
+    mode: str = option(
+        "none",
+        "DP mechanism: none; sample (DP-SGD on each client: protects each example of a client's data); "
+        "client (DP-FedAvg: protects each client's whole dataset); local (each client noises its own "
+        "update: no trust in the server).",
+        choices=["none", "sample", "client", "local"],
+    )
+    noise_multiplier: float = option(
+        1.0,
+        "Noise standard deviation over the clip norm: sigma for sample and local, the total z for client "
+        "(ignored when target_epsilon is set).",
+        min=0.0,
+    )
+    clip: float = option(
+        1.0,
+        "Clip norm: of each example's gradient (sample) or of each client's update (client, local; the "
+        "initial norm with adaptive_clip).",
+        min=1e-12,
+    )
+    delta: float = option(
+        0.0,
+        "Target delta (0: automatic, the largest power of ten below 1/N; N = training records for sample, "
+        "clients for client and local).",
+        min=0.0,
+        max=1.0,
+    )
+    accountant: str = option(
+        "pld",
+        "Accountant of the dp-accounting library: pld (privacy loss distributions, tight) or rdp (Renyi "
+        "DP, faster, looser).",
+        choices=["pld", "rdp"],
+    )
+    target_epsilon: float = option(
+        0.0,
+        "Compute the noise multiplier before training so that run.rounds rounds spend at most this "
+        "epsilon (0: off).",
+        min=0.0,
+    )
+    budget_epsilon: float = option(
+        0.0,
+        "Stop cleanly (final model saved) before a round that would spend beyond this epsilon (0: no budget).",
+        min=0.0,
+    )
+    sample_rate: float = option(
+        0.0,
+        "sample: Poisson sampling rate of each client's examples per step (0: train.batch_size / client examples).",
+        min=0.0,
+        max=1.0,
+    )
+    local_steps: int = option(
+        0,
+        "sample: DP-SGD steps per round (0: train.epochs passes, i.e. epochs / sample_rate steps).",
+        min=0,
+    )
+    per_example: str = option(
+        "auto",
+        "sample: per-example gradient engine: fast (norms from activations, no per-example backward), vmap "
+        "(exact torch.func reference), auto (fast when the model's layers allow).",
+        choices=["auto", "fast", "vmap"],
+    )
+    noise_placement: str = option(
+        "central",
+        "client: who adds the noise: central (the server) or distributed (each client adds its share; "
+        "combine with secure aggregation).",
+        choices=["central", "distributed"],
+    )
+    noise_shares: int = option(
+        0,
+        "client, distributed: number of completed clients whose shares make the full noise (0: the expected "
+        "clients per round). Fewer completed clients mean less noise, charged as such.",
+        min=0,
+    )
+    adaptive_clip: bool = option(
+        False,
+        "client: adapt the clip norm to a quantile of the update norms (Andrew et al. 2021); central noise only.",
+    )
+    target_quantile: float = option(
+        0.5, "client, adaptive: quantile of update norms the clip norm tracks.", min=0.0, max=1.0
+    )
+    clip_lr: float = option(0.2, "client, adaptive: learning rate of the geometric clip-norm update.", min=0.0)
+    quantile_noise: float = option(
+        0.0,
+        "client, adaptive: noise std on the count of unclipped updates (0: expected clients per round / 20).",
+        min=0.0,
+    )

@@ -1,0 +1,243 @@
+"""The privacy ledger: what each party has spent, as epsilon at delta, after every round.
+
+The ledger keeps, for every party whose data a guarantee protects, the history of Gaussian
+releases it took part in (see :mod:`fedguard.privacy.accountant`), and reports epsilon from
+the dp-accounting library:
+
+* sample-level DP: one history per client (its own DP-SGD steps, over the rounds it took
+  part in); ``epsilon`` is the largest over clients, ``epsilon_mean`` the mean;
+* client-level DP: one history for the whole population (one release per round);
+* local DP: one history per client (one release per round it took part in).
+
+Each round's row also names the mechanism, the accountant, and the sampling rate, noise
+multiplier and step count that produced the reported (worst) epsilon. Budget mode stops the
+run before a round whose planned spending would exceed the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from fedguard.algorithms.sampling import ClientSampler
+from fedguard.messages import Message
+from fedguard.pipeline.base import PrivacyLedger, ServerContext
+from fedguard.privacy.accountant import GaussianStep, History, epsilon, history_of
+
+#: the step(s) a party would take in a round if it took part: party id -> [(step, count)]
+Planner = Callable[[int], list[tuple[GaussianStep, int]]]
+
+
+class DPLedger(PrivacyLedger):
+    """Per-party histories, reported as epsilon at ``delta`` with one accountant."""
+
+    name = "dp"
+
+    def __init__(
+        self,
+        mechanism: str,
+        delta: float,
+        accountant: str = "pld",
+        budget: float = 0.0,
+        sampler: ClientSampler | None = None,
+        planner: Planner | None = None,
+    ) -> None:
+        self.mechanism, self.delta, self.accountant = mechanism, delta, accountant
+        self.budget, self.sampler, self.planner = budget, sampler, planner
+        self.histories: dict[int, History] = {}
+        self.rounds = 0
+        #: True when each client has its own guarantee (sample-level, local)
+        self.per_party = True
+
+    # -- recording ------------------------------------------------------------------------
+    def spend(self, party: int, steps: list[tuple[GaussianStep, int]]) -> None:
+        """Add ``steps`` to ``party``'s history."""
+        self.histories[party] = history_of([*self.histories.get(party, ()), *steps])
+
+    def epsilon_of(self, party: int) -> float:
+        """Epsilon spent so far by one party."""
+        return self.epsilon_of_history(self.histories.get(party, ()))
+
+    def epsilon_of_history(self, history: History) -> float:
+        """Epsilon of a history with this ledger's accountant.
+
+        With ``pld`` this is the smaller of the PLD and RDP figures: both are upper bounds on
+        the true epsilon (PLD is the smaller one at every setting we measured).
+        """
+        rdp = epsilon(history, self.delta, "rdp")
+        return rdp if self.accountant == "rdp" else min(rdp, epsilon(history, self.delta, "pld"))
+
+    # -- reporting ------------------------------------------------------------------------
+    def worst(self) -> tuple[int | None, float]:
+        """The party with the largest epsilon, and that epsilon (a bound valid for every party).
+
+        With ``pld``, parties are ranked by their (cheap) RDP epsilon and PLD is computed from
+        the top until the next party's RDP epsilon is no larger than the largest PLD value
+        found: both are upper bounds on the true epsilon, so the figure bounds every party.
+        """
+        if not self.histories:
+            return None, 0.0
+        rdp = {p: epsilon(h, self.delta, "rdp") for p, h in self.histories.items()}
+        ranked = sorted(rdp, key=lambda p: (-rdp[p], p))
+        if self.accountant == "rdp":
+            return ranked[0], rdp[ranked[0]]
+        best_party, best = ranked[0], -math.inf
+        for party in ranked:
+            if rdp[party] <= best:
+                break
+            value = self.epsilon_of(party)
+            if value > best:
+                best_party, best = party, value
+        return best_party, best
+
+    def report(self) -> dict[str, Any]:
+        """epsilon (worst party), delta, the mechanism and the parameters behind the figure."""
+        out: dict[str, Any] = {
+            "epsilon": 0.0,
+            "delta": self.delta,
+            "dp_mechanism": self.mechanism,
+            "dp_accountant": self.accountant,
+        }
+        party, value = self.worst()
+        if party is None:
+            return out
+        out["epsilon"] = value
+        out.update(_describe(self.histories[party]))
+        if self.per_party:
+            out["dp_worst_client"] = party
+            out["dp_clients_accounted"] = len(self.histories)
+        return out
+
+    # -- budget ---------------------------------------------------------------------------
+    def would_exceed_budget(self, next_round: int) -> bool:
+        """True when a party sampled in ``next_round`` would end it above the budget."""
+        if self.budget <= 0 or self.planner is None:
+            return False
+        limit = self.budget * (1 + 1e-9)
+        for party in self.parties_in(next_round):
+            planned = history_of([*self.histories.get(party, ()), *self.planner(party)])
+            if epsilon(planned, self.delta, "rdp") <= limit:
+                continue  # the reported figure is at most the RDP one: no need for PLD
+            if self.epsilon_of_history(planned) > limit:
+                return True
+        return False
+
+    def parties_in(self, round: int) -> list[int]:
+        """The parties whose spending a round adds to (the sampled clients)."""
+        return self.sampler.sample(round) if self.sampler is not None else list(self.histories)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Histories as JSON-ready lists."""
+        return {
+            "rounds": self.rounds,
+            "histories": {
+                str(p): [[s.noise_multiplier, s.sampling_rate, c] for s, c in h] for p, h in self.histories.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.rounds = int(state.get("rounds", 0))
+        self.histories = {
+            int(p): history_of([(GaussianStep(float(z), float(q)), int(c)) for z, q, c in h])
+            for p, h in state.get("histories", {}).items()
+        }
+
+
+def _describe(history: History) -> dict[str, Any]:
+    """The parameters behind a history, for the row (a single kind of step is the usual case)."""
+    steps = sum(c for _, c in history)
+    rates = sorted({s.sampling_rate for s, _ in history})
+    sigmas = sorted({s.noise_multiplier for s, _ in history})
+    return {
+        "dp_sampling_rate": rates[0] if len(rates) == 1 else rates,
+        "dp_noise_multiplier": sigmas[0] if len(sigmas) == 1 else [min(sigmas), max(sigmas)],
+        "dp_steps": steps,
+    }
+
+
+class SampleLevelLedger(DPLedger):
+    """DP-SGD: each completed client's own steps.
+
+    A client's ``dp_sgd`` reply metadata gives its (q, sigma, steps); where replies are not
+    readable (secure aggregation hides them) the planner's values for that client are used,
+    which are the same settings the client's code runs with.
+    """
+
+    def __init__(self, delta: float, accountant: str = "pld", **kwargs: Any) -> None:
+        super().__init__("sample-level (DP-SGD)", delta, accountant, **kwargs)
+
+    def record_round(self, ctx: ServerContext, replies: list[Message]) -> None:
+        """Charge every client whose update was aggregated this round."""
+        self.rounds += 1
+        reported = {m.client_id: m.meta["dp_sgd"] for m in replies if isinstance(m.meta.get("dp_sgd"), dict)}
+        for client in ctx.completed:
+            info = reported.get(client)
+            if info is not None:
+                step = GaussianStep(float(info["noise_multiplier"]), float(info["sample_rate"]))
+                steps = [(step, int(info["steps"]))]
+            elif self.planner is not None:
+                steps = self.planner(client)
+            else:
+                raise ValueError(f"client {client} sent no DP-SGD report; its privacy cannot be accounted")
+            self.spend(client, steps)
+
+
+class ClientLevelLedger(DPLedger):
+    """DP-FedAvg: the population's history, one sampled Gaussian release per round.
+
+    ``noise_of_round(completed)`` gives the round's effective noise multiplier (the planned
+    one for central noise; lower when too few clients added their share of distributed noise).
+    """
+
+    PARTY = 0
+
+    def __init__(
+        self,
+        delta: float,
+        accountant: str,
+        sampling_rate: float,
+        noise_of_round: Callable[[int], float],
+        planned_noise: float,
+        **kwargs: Any,
+    ) -> None:
+        planner = lambda _: [(GaussianStep(planned_noise, sampling_rate), 1)]  # noqa: E731
+        super().__init__("client-level (DP-FedAvg)", delta, accountant, planner=planner, **kwargs)
+        self.sampling_rate, self.noise_of_round = sampling_rate, noise_of_round
+        self.per_party = False
+
+    def record_round(self, ctx: ServerContext, replies: list[Message]) -> None:
+        """Charge the population for one release at this round's effective noise."""
+        self.rounds += 1
+        z = self.noise_of_round(len(ctx.completed))
+        self.spend(self.PARTY, [(GaussianStep(z, self.sampling_rate), 1)])
+
+    def parties_in(self, round: int) -> list[int]:
+        """Every round adds to the one population-wide history."""
+        return [self.PARTY]
+
+
+class LocalLedger(DPLedger):
+    """Local DP: each participating client releases one noised update per round.
+
+    ``noise_multiplier`` is relative to the update's sensitivity: for updates clipped to
+    norm ``S`` any two differ by at most ``2 S``, so noise ``sigma S`` gives ``sigma / 2``.
+    """
+
+    def __init__(self, delta: float, accountant: str, noise_multiplier: float, **kwargs: Any) -> None:
+        step = GaussianStep(noise_multiplier, 1.0)
+        super().__init__("local", delta, accountant, planner=lambda _: [(step, 1)], **kwargs)
+        self.step = step
+
+    def record_round(self, ctx: ServerContext, replies: list[Message]) -> None:
+        """Charge every client whose noised update was aggregated this round."""
+        self.rounds += 1
+        for client in ctx.completed:
+            self.spend(client, [(self.step, 1)])
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON-friendly epsilon (None for infinity)."""
+    return value if math.isfinite(value) else None

@@ -1,0 +1,35 @@
+"""Local DP: every client clips and noises its own update before it leaves the client.
+
+For a server that is not trusted at all: each update the server sees is already a Gaussian
+mechanism's output. An update clipped to L2 norm ``S`` can be replaced by any other within
+``2 S`` of it, so noise of standard deviation ``sigma * S`` is a Gaussian mechanism with
+multiplier ``sigma / 2`` relative to that sensitivity (what the ledger charges per round).
+The price is accuracy: the noise is not averaged down by a sum before it is released.
+"""
+
+from __future__ import annotations
+
+from fedguard.pipeline.base import ClientContext, ClientStep
+from fedguard.privacy.dpfedavg import clip_update
+from fedguard.privacy.dpsgd import gaussian_like
+from fedguard.types import Params
+
+
+class LocalGaussian(ClientStep):
+    """Clip the update to ``clip`` and add ``N(0, (noise_multiplier * clip)^2)`` on the client."""
+
+    name = "local-dp"
+
+    def __init__(self, clip: float, noise_multiplier: float) -> None:
+        self.clip, self.noise_multiplier = clip, noise_multiplier
+
+    def apply(self, update: Params, ctx: ClientContext) -> Params:
+        """The clipped, noised update (noise from the client's own seeded generator)."""
+        clipped, _ = clip_update(update, self.clip)
+        noise = gaussian_like(clipped, self.noise_multiplier * self.clip, ctx.generator)
+        return {k: v + noise[k] for k, v in clipped.items()}
+
+    @property
+    def ledger_noise_multiplier(self) -> float:
+        """The multiplier relative to the replace-one sensitivity ``2 * clip``."""
+        return self.noise_multiplier / 2.0

@@ -1,0 +1,260 @@
+"""Registers the ``[dp]`` section and the hooks that install a DP mechanism and its ledger.
+
+* ``dp.mode = sample``: the trainer hook swaps LocalSGD's batch sampler and gradient for
+  DP-SGD's (after refusing models with example-mixing layers and checking the per-example
+  engine against the exact one); the pipeline hook adds the reporting client step and the
+  per-client ledger.
+* ``dp.mode = client``: clip (fixed or adaptive) on the clients, Gaussian noise centrally or
+  split among clients, Poisson client sampling, and the population ledger.
+* ``dp.mode = local``: clip and noise on each client, and the per-client ledger.
+
+Target-epsilon mode computes the noise multiplier here, before training, for ``run.rounds``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import replace
+from functools import lru_cache
+
+import torch
+
+from fedguard.algorithms.local_sgd import LocalSGD
+from fedguard.builders import PIPELINE_HOOKS, TRAINER_HOOKS, BuildContext, PipelineParts, seeded_model
+from fedguard.config import register_section
+from fedguard.pipeline.base import ConfigurationError
+from fedguard.privacy.accountant import GaussianStep, calibrate_noise, default_delta, epsilon, history_of
+from fedguard.privacy.config import DPConfig
+from fedguard.privacy.dpfedavg import AdaptiveClip, ClipUpdate, DistributedNoise, DPFedAvgNoise, update_noise_multiplier
+from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan, DPSGDReport
+from fedguard.privacy.ledger import ClientLevelLedger, LocalLedger, SampleLevelLedger
+from fedguard.privacy.local_dp import LocalGaussian
+from fedguard.privacy.per_example import VmapClippedSum, build_clipped_sum, relative_difference
+from fedguard.privacy.validator import validate_for_dpsgd
+from fedguard.tasks.base import Task
+
+register_section("dp", DPConfig)
+
+
+# -- shared planning ----------------------------------------------------------------------------
+
+
+def resolve_delta(ctx: BuildContext) -> float:
+    """dp.delta, or the automatic rule delta < 1/N; warns when a set delta breaks the rule."""
+    dp = ctx.config.dp
+    records = sum(ctx.client_sizes) if dp.mode == "sample" else ctx.sampler.population
+    unit = "training records" if dp.mode == "sample" else "clients"
+    if dp.delta == 0:
+        return default_delta(records)
+    if dp.delta >= 1.0 / records:
+        message = (
+            f"dp.delta={dp.delta:g} is not below 1/N = {1.0 / records:.3g} (N = {records} {unit}): a mechanism that "
+            "publishes one random record in full meets such a delta. Use dp.delta=0 for the automatic value."
+        )
+        warnings.warn(message, stacklevel=2)
+        ctx.log(f"warning: {message}")
+    return dp.delta
+
+
+def participations(ctx: BuildContext) -> Counter[int]:
+    """How many of the planned rounds each client is sampled in (sampling is seeded, so known)."""
+    counts: Counter[int] = Counter()
+    for r in range(1, ctx.config.run.rounds + 1):
+        counts.update(ctx.sampler.sample(r))
+    return counts
+
+
+def base_sample_plan(ctx: BuildContext, trainer: LocalSGD | None = None) -> DPSGDPlan:
+    """DP-SGD settings from the configuration (noise multiplier as configured)."""
+    dp, t = ctx.config.dp, ctx.config.train
+    limit = trainer.steps_limit if trainer is not None else (t.max_steps or None)
+    return DPSGDPlan(dp.noise_multiplier, dp.clip, dp.sample_rate, t.batch_size, dp.local_steps, t.epochs, limit)
+
+
+def sample_plan(ctx: BuildContext, trainer: LocalSGD | None = None) -> DPSGDPlan:
+    """The DP-SGD plan, with sigma calibrated when dp.target_epsilon is set."""
+    plan = base_sample_plan(ctx, trainer)
+    dp = ctx.config.dp
+    if dp.target_epsilon <= 0:
+        return plan
+    counts = participations(ctx)
+    groups = tuple(sorted({(plan.rate(ctx.client_sizes[c]), plan.local_steps(ctx.client_sizes[c]) * k)
+                           for c, k in counts.items()}))
+    sigma = _calibrate_groups(groups, dp.target_epsilon, resolve_delta(ctx), dp.accountant)
+    ctx.log(f"DP-SGD: noise multiplier {sigma:.4f} so that every client spends at most epsilon "
+            f"{dp.target_epsilon:g} over {ctx.config.run.rounds} rounds")
+    return replace(plan, noise_multiplier=sigma)
+
+
+@lru_cache(maxsize=32)
+def _calibrate_groups(groups: tuple[tuple[float, int], ...], target: float, delta: float, kind: str) -> float:
+    """Sigma for the worst (rate, total steps) group; checked against the next-worst ones."""
+
+    def make(group: tuple[float, int]):
+        return lambda s: history_of([(GaussianStep(s, group[0]), group[1])])
+
+    ranked = sorted(groups, key=lambda g: epsilon(make(g)(1.0), delta, "rdp"), reverse=True)
+    sigma = 0.0
+    for group in ranked[:3]:
+        if sigma == 0.0 or epsilon(make(group)(sigma), delta, kind) > target:
+            sigma = max(sigma, calibrate_noise(make(group), target, delta, kind))
+    return sigma
+
+
+def client_sampling_rate(ctx: BuildContext) -> float:
+    """Turn on Poisson client sampling when not every client takes part; return the rate."""
+    sampler = ctx.sampler
+    if sampler.per_round(sampler.population) < sampler.population and not sampler.poisson:
+        sampler.poisson = True
+        ctx.log(f"DP: clients are Poisson-sampled, each with probability {sampler.sampling_rate:.4g} per round, "
+                "as the accountant assumes")
+    return sampler.sampling_rate
+
+
+def client_noise(ctx: BuildContext, steps_per_round: int = 1) -> float:
+    """The (total) noise multiplier for client-level or local DP, calibrated if targeted."""
+    dp = ctx.config.dp
+    if dp.target_epsilon <= 0:
+        return dp.noise_multiplier
+    rounds, delta = ctx.config.run.rounds, resolve_delta(ctx)
+    if dp.mode == "client":
+        q = client_sampling_rate(ctx)
+        plan = lambda s: history_of([(GaussianStep(s, q), rounds)])  # noqa: E731
+        z = calibrate_noise(plan, dp.target_epsilon, delta, dp.accountant)
+    else:  # local: the most-sampled client's rounds, at multiplier sigma / 2
+        most = max(participations(ctx).values(), default=rounds)
+        z = 2.0 * calibrate_noise(lambda s: history_of([(GaussianStep(s, 1.0), most)]), dp.target_epsilon, delta,
+                                  dp.accountant)
+    ctx.log(f"DP ({dp.mode}): noise multiplier {z:.4f} for epsilon {dp.target_epsilon:g} over {rounds} rounds")
+    return z
+
+
+# -- sample-level -------------------------------------------------------------------------------
+
+
+def _sample_trainer_hook(trainer: LocalSGD, ctx: BuildContext) -> LocalSGD:
+    """Install DP-SGD's Poisson sampler and clipped, noised gradients in the local trainer."""
+    if ctx.config.dp.mode != "sample":
+        return trainer
+    task = ctx.task
+    if type(task).local_train is not Task.local_train:
+        raise ConfigurationError(
+            f"dp.mode=sample: task {task.name!r} trains with its own loop, so DP-SGD cannot be applied to it; "
+            "use dp.mode=client (clip and noise whole updates) instead"
+        )
+    model = seeded_model(task, ctx.config.run.seed)
+    validate_for_dpsgd(model)
+    engine = build_clipped_sum(model, task.loss, ctx.config.dp.per_example, ctx.log)
+    _check_engine(engine, model, task, ctx)
+    dpsgd = DPSGD(sample_plan(ctx, trainer), engine)
+    trainer.sampler, trainer.gradient = dpsgd.sample, dpsgd.gradient
+    return trainer
+
+
+def _check_engine(engine: object, model: torch.nn.Module, task: Task, ctx: BuildContext) -> None:
+    """Refuse a fast engine that disagrees with exact per-example gradients (e.g. a loss that is no mean)."""
+    if isinstance(engine, VmapClippedSum) or len(ctx.train) == 0:
+        return
+    batch = (ctx.train.x[:4], ctx.train.y[:4])
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    fast = engine(params, batch, 1e6)  # type: ignore[operator]
+    exact = VmapClippedSum(model, task.loss)(params, batch, 1e6)
+    if relative_difference(fast.grads, exact.grads) > 1e-3:
+        raise ConfigurationError(
+            "dp.per_example: the fast per-example gradients disagree with exact ones for this task. The task's loss "
+            "must be the mean of independent per-example losses; otherwise set dp.per_example=vmap."
+        )
+
+
+def _sample_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
+    plan = sample_plan(ctx)
+    sizes, dp = ctx.client_sizes, ctx.config.dp
+
+    def planner(client: int) -> list[tuple[GaussianStep, int]]:
+        n = sizes[client]
+        return [(GaussianStep(plan.noise_multiplier, plan.rate(n)), plan.local_steps(n))]
+
+    parts.client_steps.insert(0, DPSGDReport(plan))
+    parts.ledger = SampleLevelLedger(resolve_delta(ctx), dp.accountant, budget=dp.budget_epsilon,
+                                     sampler=ctx.sampler, planner=planner)
+
+
+# -- client-level and local ----------------------------------------------------------------------
+
+
+def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
+    dp, server = ctx.config.dp, ctx.config.server
+    if server.weighting != "uniform":
+        raise ConfigurationError(
+            "dp.mode=client bounds each client's influence by the clip norm, which needs the uniform mean of "
+            "updates: set server.weighting=uniform"
+        )
+    rule = getattr(getattr(ctx.config, "robust", None), "rule", "none")
+    if parts.aggregator.needs_individual_updates or rule != "none":
+        raise ConfigurationError(
+            f"dp.mode=client adds noise to the sum of clipped updates, but robust.rule={rule} is not a sum. "
+            "Clipping already bounds each client's influence: use robust.rule=none with dp.mode=client."
+        )
+    q = client_sampling_rate(ctx)
+    expected = q * ctx.sampler.population
+    z = client_noise(ctx)
+    adaptive = None
+    z_update = z
+    if dp.adaptive_clip:
+        if dp.noise_placement == "distributed":
+            raise ConfigurationError(
+                "dp.adaptive_clip needs each client's clipping indicator, which would reach the server outside "
+                "secure aggregation; use dp.noise_placement=central with adaptive clipping"
+            )
+        sigma_b = dp.quantile_noise or expected / 20.0
+        z_update = update_noise_multiplier(z, sigma_b)
+        adaptive = AdaptiveClip(dp.target_quantile, dp.clip_lr, sigma_b)
+        ctx.log(f"DP adaptive clipping: count noise {sigma_b:.3g}, update noise multiplier {z_update:.4f} "
+                f"(total {z:.4f})")
+    clip = ClipUpdate(dp.clip, expected, adaptive)
+    steps: list = [clip]
+    noise_of_round = lambda completed: z  # noqa: E731
+    if dp.noise_placement == "distributed":
+        shares = dp.noise_shares or expected
+        steps.append(DistributedNoise(z, shares, dp.clip))
+        noise_of_round = lambda completed: z * math.sqrt(completed / shares)  # noqa: E731
+        z_update = 0.0
+        if not _secure_sum(parts, ctx):
+            ctx.log("warning: distributed DP noise without secure aggregation: the server sees each update with "
+                    "only its small share of the noise; set secure.mode=secagg")
+    parts.client_steps[0:0] = steps
+    parts.server_steps.insert(0, DPFedAvgNoise(clip, z_update, expected))
+    parts.ledger = ClientLevelLedger(resolve_delta(ctx), dp.accountant, q, noise_of_round, z,
+                                     budget=dp.budget_epsilon, sampler=ctx.sampler)
+
+
+def _secure_sum(parts: PipelineParts, ctx: BuildContext) -> bool:
+    """Whether the server will only see the sum of updates (secure aggregation configured)."""
+    secure = getattr(getattr(ctx.config, "secure", None), "mode", "none")
+    return secure != "none" or parts.aggregator.hides_individual_updates
+
+
+def _local_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
+    dp = ctx.config.dp
+    sigma = client_noise(ctx)
+    step = LocalGaussian(dp.clip, sigma)
+    parts.client_steps.insert(0, step)
+    parts.ledger = LocalLedger(resolve_delta(ctx), dp.accountant, step.ledger_noise_multiplier,
+                               budget=dp.budget_epsilon, sampler=ctx.sampler)
+
+
+def _pipeline_hook(parts: PipelineParts, ctx: BuildContext) -> None:
+    """Add the configured mechanism's steps and its ledger."""
+    mode = ctx.config.dp.mode
+    if mode == "sample":
+        _sample_pipeline(parts, ctx)
+    elif mode == "client":
+        _client_pipeline(parts, ctx)
+    elif mode == "local":
+        _local_pipeline(parts, ctx)
+
+
+TRAINER_HOOKS.append(_sample_trainer_hook)
+PIPELINE_HOOKS.append(_pipeline_hook)
