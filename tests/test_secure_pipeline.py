@@ -131,7 +131,8 @@ def test_aggregator_only_receives_masked_payloads() -> None:
     fits = [m for m in comm.replies if m.kind == "fit_result"]
     assert len(fits) == 6
     for msg in fits:
-        assert set(msg.tensors) == {"secagg/masked"} and msg.tensors["secagg/masked"].dtype == torch.uint32
+        assert set(msg.tensors) == {"secagg/masked"} and msg.tensors["secagg/masked"].dtype == torch.int32
+        assert msg.meta["unsigned"] == ["masked"]  # the uint32 ring vector, sent bit for bit as int32
 
 
 def test_plaintext_reply_is_refused_and_round_recovers() -> None:

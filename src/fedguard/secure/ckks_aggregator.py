@@ -245,7 +245,7 @@ class CKKSAggregator(Aggregator):
             )
         enc = _ckks().CKKSEncryptor(tensor_bytes(public)).encrypt(vector)
         msg = to_message(FIT_RESULT, ctx.round, ctx.client_id, enc, PREFIX)
-        return msg.tensors, {"wire": msg.meta["wire"], "num_examples": None, "metrics": {}}
+        return msg.tensors, {**msg.meta, "num_examples": None, "metrics": {}}
 
     def _on_keygen(self, msg: Message, ctx: ClientContext) -> Message:
         """Key holder: make (first time) or reload the key pair; send the public context only."""

@@ -31,16 +31,31 @@ from .wire import WireError, WireMessage
 M = TypeVar("M", bound=WireMessage)
 
 #: dtypes a protocol array may have on the wire (anything else is refused when parsing)
-ALLOWED_DTYPES = frozenset({"uint8", "int64", "uint32", "uint64", "float64", "bool"})
+ALLOWED_DTYPES = frozenset({"uint8", "int32", "int64", "uint32", "uint64", "float64", "bool"})
+
+
+#: unsigned ring arrays travel as the signed type of the same width (bit for bit): not every
+#: transport has unsigned dtypes (the network runtime's frames do not)
+_SIGNED = {np.dtype(np.uint32): np.dtype(np.int32), np.dtype(np.uint64): np.dtype(np.int64)}
+_UNSIGNED = {v: k for k, v in _SIGNED.items()}
 
 
 def to_message(
     kind: str, round: int, client_id: int, wire: WireMessage, prefix: str, meta: dict[str, Any] | None = None
 ) -> Message:
-    """An engine message whose payload is ``wire`` (tensors named ``prefix + field``)."""
+    """An engine message whose payload is ``wire`` (tensors named ``prefix + field``).
+
+    ``uint32``/``uint64`` arrays are sent as ``int32``/``int64`` views, listed in ``meta["unsigned"]``.
+    """
     wire_meta, arrays = wire.to_arrays()
-    tensors = {prefix + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    return Message(kind, round, client_id, {**(meta or {}), "wire": wire_meta}, tensors)
+    tensors, unsigned = {}, []
+    for k, v in arrays.items():
+        arr = np.ascontiguousarray(v)
+        if arr.dtype in _SIGNED:
+            arr, unsigned = arr.view(_SIGNED[arr.dtype]), [*unsigned, k]
+        tensors[prefix + k] = torch.from_numpy(arr)
+    extra = {"unsigned": unsigned} if unsigned else {}
+    return Message(kind, round, client_id, {**(meta or {}), "wire": wire_meta, **extra}, tensors)
 
 
 def from_message(cls: type[M], msg: Message, prefix: str, kind: str | None = None) -> M:
@@ -58,6 +73,14 @@ def from_message(cls: type[M], msg: Message, prefix: str, kind: str | None = Non
     if not isinstance(meta, dict):
         raise WireError(f"{msg.kind!r} message carries no {cls.__name__}")
     arrays = {k[len(prefix) :]: _to_numpy(v, k) for k, v in msg.tensors.items()}
+    unsigned = msg.meta.get("unsigned", [])
+    if not isinstance(unsigned, list):
+        raise WireError("'unsigned' must list field names")
+    for name in unsigned:
+        arr = arrays.get(name)
+        if arr is None or arr.dtype not in _UNSIGNED:
+            raise WireError(f"field {name!r} is listed as unsigned but is not a signed 32/64-bit array")
+        arrays[name] = arr.view(_UNSIGNED[arr.dtype])
     return cls.from_arrays(meta, arrays)
 
 

@@ -255,7 +255,7 @@ class SecAggAggregator(Aggregator):
         save_state(ctx.state, _STATE_CLIENT, client.export_state())
         msg = to_message(FIT_RESULT, ctx.round, ctx.client_id, masked, PREFIX)
         # the weight and training metrics would reveal per-client values: they travel masked or not at all
-        return msg.tensors, {"wire": msg.meta["wire"], "num_examples": None, "metrics": {}}
+        return msg.tensors, {**msg.meta, "num_examples": None, "metrics": {}}
 
 
 def _encode(update: torch.Tensor, weight: int, max_weight: int, config: SecAggConfig) -> np.ndarray:
