@@ -1,1 +1,1 @@
-"""fedguard.robust."""
+"""fedguard.robust: Byzantine-robust aggregation rules (median, trimmed mean, Krum) on plaintext updates."""
