@@ -1,0 +1,210 @@
+"""Pieces shared by the generative tasks (VAE, MAE, GAN): seeded randomness, local Adam,
+image grids for the run report.
+
+Randomness inside a loss (a VAE's reparameterisation noise, an MAE's masks, a GAN's latent
+codes) comes from torch's global generator, re-seeded from the client's own generator at the
+start of each local update (:func:`seeded_global_rng`), so a run is reproducible whichever
+worker process trains which client.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedguard.data.arrays import ArrayDataset
+from fedguard.types import Params
+
+OPTIMIZERS = ["adam", "sgd"]
+
+
+def seed_from(generator: torch.Generator) -> int:
+    """A 62-bit seed drawn from ``generator`` (advances it)."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
+
+
+@contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch's global CPU generator seeded, restoring it afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+class Adam:
+    """Adam (Kingma & Ba 2015) over a list of tensors, stepped with given gradients.
+
+    Same update as ``torch.optim.Adam`` without weight decay; written out because
+    constructing a ``torch.optim`` optimiser imports torch's compiler stack, which costs
+    seconds in every fresh worker process.
+    """
+
+    def __init__(self, tensors: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.tensors, self.lr, self.betas, self.eps = tensors, lr, betas, eps
+        self.m = [torch.zeros_like(t) for t in tensors]
+        self.v = [torch.zeros_like(t) for t in tensors]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor]) -> None:
+        """Apply one update with ``grads`` (one per tensor)."""
+        self.t += 1
+        b1, b2 = self.betas
+        torch._foreach_lerp_(self.m, grads, 1 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, math.sqrt(1 - b2**self.t))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(self.tensors, self.m, denom, value=-self.lr / (1 - b1**self.t))
+
+    def minimise(self, loss: torch.Tensor) -> float:
+        """One step down the gradient of ``loss`` with respect to this optimiser's tensors."""
+        self.step(list(torch.autograd.grad(loss, self.tensors)))
+        return float(loss.detach())
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run a block with one torch thread, restoring the count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def adam_local_train(
+    task: Any,
+    model: nn.Module,
+    params: Params,
+    data: ArrayDataset,
+    trainer: Any,
+    generator: torch.Generator,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> tuple[Params, dict[str, float]]:
+    """A client's local update with Adam (fresh moments each round) instead of SGD.
+
+    Batches, the gradient estimator (e.g. DP-SGD's clipped, noised per-example gradients),
+    the step cap, weight decay and the FedProx term all come from the engine's ``trainer``,
+    so privacy mechanisms apply unchanged; only the update rule differs.
+    """
+    start = [v.detach() for v in params.values()]
+    current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    tensors = list(current.values())
+    opt = Adam(tensors, lr, betas)
+    limit = getattr(trainer, "steps_limit", None)
+
+    def loss_of(p: Params, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return task.loss(model, p, batch)
+
+    losses: list[float] = []
+    for idx in trainer.sampler(len(data), generator):
+        if limit is not None and len(losses) >= limit:
+            break
+        grads, loss = trainer.gradient(loss_of, current, (data.x[idx], data.y[idx]), generator)
+        losses.append(loss)
+        with torch.no_grad():
+            opt.step(_regularise(list(grads), tensors, start, trainer))
+    trained = {k: v.detach() for k, v in current.items()}
+    mean = sum(losses) / len(losses) if losses else float("nan")
+    return trained, {"train_loss": mean, "steps": float(len(losses))}
+
+
+def _regularise(grads: list[torch.Tensor], tensors: list[torch.Tensor], start: list[torch.Tensor],
+                trainer: Any) -> list[torch.Tensor]:
+    wd, mu = getattr(trainer, "weight_decay", 0.0), getattr(trainer, "prox_mu", 0.0)
+    if wd:
+        grads = list(torch._foreach_add(grads, tensors, alpha=wd))
+    if mu:
+        grads = list(torch._foreach_add(grads, torch._foreach_sub(tensors, start), alpha=mu))
+    return grads
+
+
+def local_update(
+    task: Any,
+    model: nn.Module,
+    params: Params,
+    data: ArrayDataset,
+    trainer: Any,
+    generator: torch.Generator,
+    optimizer: str,
+    lr: float,
+) -> tuple[Params, dict[str, float]]:
+    """The configured local update (Adam or the engine's SGD), with seeded loss randomness."""
+    with seeded_global_rng(seed_from(generator)):
+        if optimizer == "adam":
+            return adam_local_train(task, model, params, data, trainer, generator, lr)
+        return trainer.train(task, model, params, data, generator)
+
+
+def sub_params(params: Params, prefix: str) -> Params:
+    """The entries of ``params`` under ``prefix.`` with the prefix removed."""
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in params.items() if k.startswith(prefix + ".")}
+
+
+def bound_model(model: nn.Module, params: Params) -> nn.Module:
+    """A copy of ``model`` holding ``params`` (to call methods other than ``forward``)."""
+    copy = deepcopy(model)
+    with torch.no_grad():
+        for name, p in copy.named_parameters():
+            p.copy_(params[name])
+    return copy
+
+
+def _as_grid(images: torch.Tensor, nrow: int, pad: int = 1) -> torch.Tensor:
+    """(N, C, H, W) images in [0, 1] tiled into one (H', W') or (H', W', 3) array."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, c, h, w = images.shape
+    ncol = nrow
+    nrows = (n + ncol - 1) // ncol
+    grid = torch.ones(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid[0] if c == 1 else grid.permute(1, 2, 0)
+
+
+def save_image_rows(rows: list[tuple[str, torch.Tensor]], path: Path, ncol: int, title: str = "") -> Path:
+    """Save labelled rows of images (each (N, C, H, W) in [0, 1]) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    height = len(rows) * 0.45 * _height(rows[0][1], ncol) + 0.6
+    fig, axes = plt.subplots(len(rows), 1, figsize=(ncol * 0.45 + 1.2, height))
+    axes_list = [axes] if len(rows) == 1 else list(axes)
+    for ax, (label, images) in zip(axes_list, rows, strict=True):
+        ax.imshow(_as_grid(images, ncol).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _height(images: torch.Tensor, ncol: int) -> int:
+    return (len(images) + ncol - 1) // ncol
+
+
+def save_image_grid(images: torch.Tensor, path: Path, ncol: int = 8, title: str = "") -> Path:
+    """Save (N, C, H, W) images in [0, 1] as one PNG grid."""
+    return save_image_rows([("", images)], path, ncol, title)

@@ -1,0 +1,98 @@
+"""The MAE task: patching, the masked-only loss by hand, the encoder's view, probe, a short run."""
+
+import pytest
+import torch
+
+from fedguard import ArrayDataset, Experiment
+from fedguard.tasks.mae import MAETask, linear_probe, masked_mse, patchify, random_masking, unpatchify
+
+TINY = [
+    "task.name=mae",
+    "run.progress=false",
+    "run.workers=1",
+    "data.max_train_examples=400",
+    "data.num_clients=2",
+    "run.rounds=3",
+    "train.batch_size=32",
+    "mae.patch=7",
+    "mae.dim=16",
+    "mae.depth=1",
+    "mae.heads=2",
+    "mae.decoder_dim=16",
+    "mae.eval_examples=200",
+    "mae.probe_iters=20",
+    "mae.lr=3e-3",
+]
+
+
+def test_patchify_layout_and_inverse():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4)
+    p = patchify(x, 2)
+    assert p.shape == (1, 4, 4)
+    assert p[0, 0].tolist() == [0, 1, 4, 5] and p[0, 1].tolist() == [2, 3, 6, 7]  # row-major patches
+    assert torch.equal(unpatchify(p, 2, (1, 4, 4)), x)
+    rgb = torch.rand(2, 3, 8, 8)
+    assert torch.equal(unpatchify(patchify(rgb, 4), 4, (3, 8, 8)), rgb)
+
+
+def test_masked_mse_by_hand_ignores_visible_patches():
+    target = torch.zeros(1, 3, 2)
+    pred = torch.tensor([[[1.0, 1.0], [10.0, 10.0], [0.0, 2.0]]])
+    mask = torch.tensor([[1.0, 0.0, 1.0]])  # patch 1 is visible: its error of 100 must not count
+    # patch 0: (1 + 1) / 2 = 1; patch 2: (0 + 4) / 2 = 2; mean over the two masked patches
+    assert masked_mse(pred, target, mask).item() == pytest.approx(1.5)
+
+
+def test_random_masking_hides_the_configured_share():
+    keep_idx, mask = random_masking(torch.rand(5, 16, generator=torch.Generator().manual_seed(0)), 4)
+    assert mask.sum(1).tolist() == [12.0] * 5
+    assert torch.all(mask.gather(1, keep_idx) == 0)
+
+
+def test_encoder_sees_only_visible_patches_and_loss_is_masked_mse():
+    torch.manual_seed(0)
+    task = MAETask((1, 8, 8), patch=2, dim=8, depth=1, heads=2, decoder_dim=8, mask_ratio=0.75)
+    model = task.build_model()
+    params = dict(model.named_parameters())
+    x = torch.rand(3, 1, 8, 8)
+    noise = torch.rand(3, 16)
+    pred, mask = model(x, noise, task.keep)
+    assert task.keep == 4 and mask.sum().item() == 3 * 12
+    changed = patchify(x, 2) + mask.unsqueeze(-1) * torch.rand(3, 16, 4)  # alter hidden patches only
+    pred2, _ = model(unpatchify(changed, 2, (1, 8, 8)), noise, task.keep)
+    assert torch.allclose(pred, pred2)
+    torch.manual_seed(1)
+    loss = task.loss(model, params, (x, torch.zeros(3)))
+    torch.manual_seed(1)
+    pred3, target, mask3 = task.forward(model, params, x)
+    assert loss.item() == pytest.approx(masked_mse(pred3, target, mask3).item())
+
+
+def test_linear_probe_separates_separable_data():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 2
+    x = torch.randn(200, 5, generator=g) + 4.0 * y.unsqueeze(1)
+    assert linear_probe(x[:150], y[:150], x[150:], y[150:], iters=50)["test_acc"] == 1.0
+
+
+def test_short_federated_run_lowers_masked_mse_and_reports_probe(tmp_path):
+    result = Experiment(overrides=TINY).run(run_dir=tmp_path / "mae")
+    rows = result.rows
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[-1]["test_masked_mse"] < rows[0]["test_masked_mse"]
+    final = result.final
+    assert 0.1 < final["probe_acc"] <= 1 and 0.5 < final["pixel_probe_acc"] <= 1
+    assert final["probe_examples"] == 400
+    path = result.run_dir / "plots" / "mae_reconstruction_final.png"
+    assert path.stat().st_size > 1000 and path.name in (result.run_dir / "report.md").read_text()
+
+
+def test_probe_features_pools():
+    task = MAETask((1, 8, 8), patch=2, dim=8, depth=1, heads=2, decoder_dim=8)
+    model = task.build_model()
+    x = torch.rand(2, 1, 8, 8)
+    assert model.features(x, "mean").shape == (2, 8)
+    assert model.features(x, "grid").shape == (2, 32)
+    assert model.features(x, "tokens").shape == (2, 128)
+    data = ArrayDataset(x, torch.zeros(2, dtype=torch.long))
+    assert task.features(model, dict(model.named_parameters()), data.x).shape == (2, 8)
