@@ -9,7 +9,6 @@ test made them fail).
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,15 +20,10 @@ from safetensors.torch import load_file
 
 from fedguard.config import Config
 from fedguard.experiment import Experiment
-from fedguard.messages import Message
-from fedguard.runtime.base import Communicator, Exchange
 from fedguard.runtime.network import auth, certs
-from fedguard.runtime.network.harness import LocalDeployment
+from fedguard.runtime.network.harness import LocalDeployment, metric_rows, simulate
 
 pytestmark = pytest.mark.timeout(240)
-
-COMPARED = ("round", "completed_clients", "train_loss", "test_accuracy", "test_loss")
-
 
 def _config(rounds: int, clients: int, examples: int, seed: int, **extra: dict[str, Any]) -> dict[str, Any]:
     config: dict[str, Any] = {
@@ -41,18 +35,8 @@ def _config(rounds: int, clients: int, examples: int, seed: int, **extra: dict[s
     return config
 
 
-def _simulate(config: dict[str, Any], folder: Path, sets: dict[str, Any] | None = None, communicator: Any = None):
-    conf = Config.from_dict({k: v for k, v in config.items() if k != "network"})
-    for key, value in (sets or {}).items():
-        conf.set(key, value)
-    exp = Experiment(conf)
-    factory = communicator(exp) if communicator else None
-    return exp.run(folder, communicator=factory)
-
-
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: r[k] for k in COMPARED} for r in rows]
+    return metric_rows(run_dir)
 
 
 def _assert_same_model(a: Path, b: Path) -> None:
@@ -103,85 +87,44 @@ def test_network_run_equals_simulation_while_fuzzed_and_strangers_are_refused(tm
     assert server.count(r"update from client 2 rejected") == 3
     assert server.count(r"round \d fit: 3/3 replied") == 3
 
-    sim = _simulate(config, tmp_path / "sim", {"faults.leave": ["2-2@1"]})
+    sim = simulate(config, tmp_path / "sim", {"faults.leave": ["2-2@1"]})
     assert _rows(tmp_path / "run") == _rows(sim.run_dir)
     _assert_same_model(tmp_path / "run", sim.run_dir)
 
 
-class _DropOnce:
-    """The simulation's communicator, with one client failing in one round (what the kill did)."""
-
-    def __init__(self, inner: Communicator, client: int, round: int) -> None:
-        self.inner, self.client, self.round = inner, client, round
-        self.traffic = inner.traffic
-
-    def exchange(self, messages: dict[int, Message]) -> Exchange:
-        keep = {c: m for c, m in messages.items() if not (c == self.client and m.round == self.round)}
-        result = self.inner.exchange(keep)
-        result.failed.update({c: "killed" for c in messages if c not in keep})
-        return result
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-def test_client_killed_mid_round_is_dropped_and_rejoins_after_restart(tmp_path: Path) -> None:
-    """Kill 1 of 5 clients (20%) with SIGKILL while it trains in round 2: the round completes
-    with the other four; the restarted client (same state folder) rejoins from round 3."""
-    config = _config(3, 5, 750, seed=3, train={"epochs": 4})
-    dep = LocalDeployment(tmp_path / "net", clients=5, config=config)
-    server = dep.start_server(tmp_path / "run")
-    server.wait_for("listening on", 60)
-    clients = [dep.start_client(c, ["--state-dir", str(tmp_path / f"state-{c}")]) for c in range(5)]
-    clients[3].wait_for(r"round 2: fit received", 120)
-    clients[3].kill(signal.SIGKILL)
-    assert clients[3].wait(10) == -signal.SIGKILL
-    again = dep.start_client(3, ["--state-dir", str(tmp_path / "state-3")], name="client-3-restarted")
-    _finish(dep, server)
-
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["completed_clients"] for r in rows] == [5, 4, 5]
-    assert "connection lost" in rows[1]["failed_clients"]["3"]
-    assert again.count(r"round 3: fit_result sent") == 1 and server.count(r"client 3 joined .*\(reconnect\)") == 1
-
-    exps: list[Any] = []
-
-    def dropping(exp: Experiment) -> Any:
-        def make(setup: Any) -> _DropOnce:
-            comm, state_dir = exp._simulation(setup)
-            exps.append(state_dir)
-            return _DropOnce(comm, client=3, round=2)
-
-        return make
-
-    sim = _simulate(config, tmp_path / "sim", communicator=dropping)
-    shutil.rmtree(exps[0], ignore_errors=True)
-    assert _rows(tmp_path / "run") == _rows(sim.run_dir)
-    _assert_same_model(tmp_path / "run", sim.run_dir)
-
-
-def test_server_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    """SIGKILL the server while clients train round 2; `fedguard server --resume` continues from
-    the last checkpoint, the clients reconnect, and the final model and the metrics (each round
-    once) equal an uninterrupted run with the same seed."""
-    config = _config(3, 3, 600, seed=4)
+def test_client_and_server_killed_mid_round_rejoin_and_resume_to_the_reference_result(tmp_path: Path) -> None:
+    """SIGKILL client 2 while it trains round 2: the round completes with the others; the
+    restarted client (same state folder) rejoins. Then SIGKILL the server while clients train
+    round 3: `fedguard server --resume` continues from the last checkpoint, the clients
+    reconnect, and the final model and metrics (each round once) equal the simulation in
+    which client 2 missed round 2."""
+    config = _config(4, 3, 600, seed=3, train={"epochs": 4})
     dep = LocalDeployment(tmp_path / "net", clients=3, config=config)
     run_dir = tmp_path / "run"
     server = dep.start_server(run_dir)
     server.wait_for("listening on", 60)
-    clients = [dep.start_client(c) for c in range(3)]
-    clients[0].wait_for(r"round 2: fit received", 120)
+    clients = [dep.start_client(c, ["--state-dir", str(tmp_path / f"state-{c}")]) for c in range(3)]
+    clients[2].wait_for(r"round 2: fit received", 120)
+    clients[2].kill(signal.SIGKILL)
+    assert clients[2].wait(10) == -signal.SIGKILL
+    again = dep.start_client(2, ["--state-dir", str(tmp_path / "state-2")], name="client-2-restarted")
+
+    clients[0].wait_for(r"round 3: fit received", 120)
     server.kill(signal.SIGKILL)
     assert server.wait(10) == -signal.SIGKILL
     checkpoint_round = json.loads((run_dir / "checkpoint.json").read_text())["round"]
-    assert checkpoint_round >= 1
-
+    assert checkpoint_round >= 2
     resumed = dep.start_server(run_dir, resume=True)
     resumed.wait_for(rf"resuming .* after round {checkpoint_round}", 60)
     _finish(dep, resumed)
-    assert [c.wait(30) for c in clients] == [0, 0, 0]
-    assert resumed.count(r"client \d joined") == 3
 
-    sim = _simulate(config, tmp_path / "sim")
-    assert _rows(run_dir) == _rows(sim.run_dir)
+    assert [clients[0].wait(30), clients[1].wait(30), again.wait(30)] == [0, 0, 0]
+    assert server.count(r"round 2 fit: 2/3 replied.*client 2: connection lost") == 1
+    assert server.count(r"client 2 joined .*\(reconnect\)") == 1
+    assert again.count(r"round 3: fit_result sent") >= 1 and again.count(r"round 4: fit_result sent") == 1
+    rows = _rows(run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3, 4] and [r["completed_clients"] for r in rows] == [3, 2, 3, 3]
+
+    sim = simulate(config, tmp_path / "sim", drop=(2, 2))
+    assert rows == _rows(sim.run_dir)
     _assert_same_model(run_dir, sim.run_dir)

@@ -327,7 +327,7 @@ def _app_from_file(config: Any, client_id: int, path: str, welcome: pb.Welcome, 
     task = builders.build_task(config, spec)
     model = builders.seeded_model(task, config.run.seed)
     sampler = exp.make_sampler()
-    sizes = [len(data)] * sampler.population
+    sizes = list(welcome.client_sizes) or [len(data)] * sampler.population
     bctx = builders.BuildContext(config, data, sizes, sampler, task, lambda text: None)
     trainer, pipeline = builders.build_trainer(bctx), builders.build_pipeline(bctx)
     return ClientApp(client_id, task, model, data, trainer, pipeline, config.run.seed, store)

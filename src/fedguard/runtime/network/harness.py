@@ -6,8 +6,10 @@ harness watches the logs for lines (``wait_for``) and kills processes by their o
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -179,3 +181,69 @@ class LocalDeployment:
             except subprocess.TimeoutExpired:
                 proc.kill(signal.SIGKILL)
                 proc.wait(5)
+
+
+# -- references: the same configuration run in the simulation ------------------------------
+METRIC_KEYS = ("round", "completed_clients", "train_loss", "test_accuracy", "test_loss")
+
+
+def simulate(
+    config: dict[str, Any], folder: str | Path, sets: dict[str, Any] | None = None, drop: tuple[int, int] | None = None
+) -> Any:
+    """Run ``config`` (minus [network]) in the simulation; ``drop=(client, round)`` fails one client once."""
+    from fedguard.config import Config
+    from fedguard.experiment import Experiment
+
+    conf = Config.from_dict({k: v for k, v in config.items() if k != "network"})
+    for key, value in (sets or {}).items():
+        conf.set(key, value)
+    exp = Experiment(conf, log=lambda text: None)
+    if drop is None:
+        return exp.run(folder)
+    leftovers: list[str] = []
+
+    def factory(setup: Any) -> DropOnce:
+        comm, state_dir = exp._simulation(setup)
+        leftovers.append(state_dir)
+        return DropOnce(comm, *drop)
+
+    try:
+        return exp.run(folder, communicator=factory)
+    finally:
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class DropOnce:
+    """A communicator whose ``client`` fails in ``round`` (what killing its process does)."""
+
+    def __init__(self, inner: Any, client: int, round: int) -> None:
+        self.inner, self.client, self.round = inner, client, round
+        self.traffic = inner.traffic
+
+    def exchange(self, messages: dict[int, Any]) -> Any:
+        """The inner exchange without the dropped client, which is reported as failed."""
+        keep = {c: m for c, m in messages.items() if not (c == self.client and m.round == self.round)}
+        result = self.inner.exchange(keep)
+        result.failed.update({c: "killed" for c in messages if c not in keep})
+        return result
+
+    def close(self) -> None:
+        """Close the inner communicator."""
+        self.inner.close()
+
+
+def metric_rows(run_dir: str | Path, keys: tuple[str, ...] = METRIC_KEYS) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, restricted to ``keys``."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: row.get(k) for k in keys} for row in map(json.loads, filter(str.strip, lines))]
+
+
+def model_difference(a: str | Path, b: str | Path) -> float:
+    """Largest absolute difference between the final models of two runs (0.0: bit-identical)."""
+    from safetensors.torch import load_file
+
+    pa, pb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    if pa.keys() != pb.keys():
+        return float("inf")
+    return max((float((pa[k].double() - pb[k].double()).abs().max()) for k in pa), default=0.0)

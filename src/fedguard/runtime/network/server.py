@@ -66,6 +66,7 @@ class RunInfo:
     input_shape: list[int]
     num_classes: int
     population: int
+    client_sizes: list[int] = field(default_factory=list)
 
     @classmethod
     def from_setup(cls, setup: Any) -> RunInfo:
@@ -76,17 +77,21 @@ class RunInfo:
         ]
         train = setup.train
         return cls(
-            setup.config.to_toml(), specs, list(train.x.shape[1:]), max(train.num_classes, 2), setup.sampler.population
+            setup.config.to_toml(),
+            specs,
+            list(train.x.shape[1:]),
+            max(train.num_classes, 2),
+            setup.sampler.population,
+            [len(p) for p in setup.parts],
         )
 
 
 def welcome_mac(key: bytes, w: pb.Welcome) -> bytes:
     """The MAC of a Welcome: proves to the client that the server holds its key."""
     model = ";".join(f"{s.name}:{s.dtype}:{list(s.shape)}" for s in w.model)
-    shape = ",".join(map(str, w.input_shape))
-    return auth.sign(
-        key, "welcome", w.protocol_version, w.session_id, w.client_nonce, w.config_toml, model, shape, w.num_classes
-    )
+    shape, sizes = ",".join(map(str, w.input_shape)), ",".join(map(str, w.client_sizes))
+    fields = (w.protocol_version, w.session_id, w.client_nonce, w.config_toml, model, shape, w.num_classes, sizes)
+    return auth.sign(key, "welcome", *fields)
 
 
 @dataclass
@@ -102,6 +107,8 @@ class Session:
     send_seq: int = 0
     streaming: bool = False
     open: bool = True
+    #: its task stream was open and has closed: the client dropped
+    ended: bool = False
 
 
 @dataclass
@@ -160,7 +167,7 @@ class NetworkCommunicator:
             return Exchange()
         first = messages[min(messages)]
         if first.round != self._waited_round:
-            self._await_clients()
+            self.wait_for_clients()
             self._waited_round = first.round
         t0 = time.monotonic()
         with self._cond:
@@ -194,7 +201,8 @@ class NetworkCommunicator:
     def _connected(self) -> int:
         return sum(1 for s in self._sessions.values() if s.open and s.streaming)
 
-    def _await_clients(self) -> None:
+    def wait_for_clients(self) -> None:
+        """Block until ``network.min_clients`` clients are connected (at most ``wait_timeout_s``)."""
         need = min(self.net.min_clients or self.info.population, self.info.population)
         with self._cond:
             if self._connected() >= need:
@@ -215,7 +223,8 @@ class NetworkCommunicator:
             self.registry.key(cid)
         except auth.AuthError as exc:
             return str(exc)
-        if self.net.skip_disconnected and cid in self._seen and not (session and session.open and session.streaming):
+        gone = session is None or session.ended
+        if self.net.skip_disconnected and cid in self._seen and gone:
             return "disconnected (dropped earlier and not back)"
         return None
 
@@ -361,6 +370,7 @@ class NetworkCommunicator:
             model=self.info.model,
             input_shape=self.info.input_shape,
             num_classes=self.info.num_classes,
+            client_sizes=self.info.client_sizes,
         )
         welcome.mac = welcome_mac(key, welcome)
         return welcome
@@ -479,7 +489,7 @@ class NetworkCommunicator:
 
     def _stream_ended(self, session: Session) -> None:
         with self._cond:
-            session.streaming = False
+            session.streaming, session.ended = False, True
             current = self._sessions.get(session.client_id) is session
             if current and not self._closing:
                 self._drop_delivered(session, "connection lost after the request was delivered (client dropped)")
@@ -602,7 +612,9 @@ def serve(config: Any, run_dir: str | Path | None = None, resume: str | Path | N
     log(f"run folder: {path}")
 
     def factory(setup: Any) -> NetworkCommunicator:
-        return NetworkCommunicator(net, RunInfo.from_setup(setup), log, path / "network.jsonl")
+        comm = NetworkCommunicator(net, RunInfo.from_setup(setup), log, path / "network.jsonl")
+        comm.wait_for_clients()  # before the first round, so that its time is the round's own
+        return comm
 
     result = exp.run(None if resume else path, path if resume else None, communicator=factory)
     summary = {k: v for k, v in result.final.items() if isinstance(v, (int, float))}

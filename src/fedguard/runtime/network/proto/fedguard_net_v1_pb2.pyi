@@ -59,7 +59,7 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client_id: _Optional[int] = ..., client_nonce: _Optional[bytes] = ..., unix_ms: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "client_nonce", "config_toml", "model", "input_shape", "num_classes", "mac")
+    __slots__ = ("protocol_version", "session_id", "client_nonce", "config_toml", "model", "input_shape", "num_classes", "mac", "client_sizes")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NONCE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class Welcome(_message.Message):
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     MAC_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SIZES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: bytes
     client_nonce: bytes
@@ -76,7 +77,8 @@ class Welcome(_message.Message):
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     num_classes: int
     mac: bytes
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., client_nonce: _Optional[bytes] = ..., config_toml: _Optional[str] = ..., model: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., mac: _Optional[bytes] = ...) -> None: ...
+    client_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., client_nonce: _Optional[bytes] = ..., config_toml: _Optional[str] = ..., model: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., input_shape: _Optional[_Iterable[int]] = ..., num_classes: _Optional[int] = ..., mac: _Optional[bytes] = ..., client_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PollRequest(_message.Message):
     __slots__ = ("client_id", "session_id", "seq", "mac")
