@@ -93,10 +93,12 @@ def test_replies_arrive_intact_and_late_joiners_are_served(serve, pki: Path) -> 
     comm = serve()
     clients = [_client(comm, pki, c) for c in range(2)]
     seen: dict[int, Message] = {}
-    _in_thread(lambda: seen.__setitem__(0, _answer(clients[0], 2.0)))
+    threads = [_in_thread(lambda: seen.__setitem__(0, _answer(clients[0], 2.0)))]
     # client 1 connects only after the exchange started: its request waits for it
-    _in_thread(lambda: (time.sleep(0.5), seen.__setitem__(1, _answer(clients[1], 3.0))))
+    threads.append(_in_thread(lambda: (time.sleep(0.5), seen.__setitem__(1, _answer(clients[1], 3.0)))))
     result = comm.exchange(_fit([0, 1]))
+    for thread in threads:
+        thread.join(10)
     assert sorted(result.replies) == [0, 1] and not result.failed
     assert torch.equal(result.replies[0].tensors["w"], PARAMS["w"] * 2)
     assert torch.equal(result.replies[1].tensors["b"], PARAMS["b"] * 3)
