@@ -102,6 +102,7 @@ class CKKSAggregator(Aggregator):
         self._public: bytes | None = None
         self._encryptor: Any = None
         self._has_context: set[int] = set()
+        self._replies: dict[int, Message] = {}
 
     @property
     def fingerprint(self) -> str | None:
@@ -114,6 +115,7 @@ class CKKSAggregator(Aggregator):
     ) -> AggregateResult:
         """Keys, contexts, encrypted fit, homomorphic sum, decryption by the key holder."""
         failed: dict[int, str] = {}
+        self._replies = {}
         try:
             self._ensure_keys(comm, round)
             targets = self._deliver_context(comm, round, sorted(fit_messages), failed)
@@ -131,7 +133,8 @@ class CKKSAggregator(Aggregator):
         delta = unflatten_sorted(torch.from_numpy(plain[:n] / plain[n]), like)
         weight = float(plain[n] * self.settings.max_weight)
         metrics = {"ckks_clients": float(len(encrypted)), "ckks_ciphertexts": float(len(total.ciphertexts))}
-        return AggregateResult(delta, sorted(encrypted), failed, weight, metrics)
+        replies = [self._replies[c] for c in sorted(encrypted)]  # ciphertexts + the client steps' metadata
+        return AggregateResult(delta, sorted(encrypted), failed, weight, metrics, replies)
 
     def _ensure_keys(self, comm: Communicator, round: int) -> None:
         """Ask the key holder for the public context once (it keeps the same keys across rounds)."""
@@ -202,6 +205,7 @@ class CKKSAggregator(Aggregator):
                 ctx.log(f"round {round}: encrypted update of client {cid} rejected: {exc}")
                 continue
             out[cid] = enc
+            self._replies[cid] = ex.replies[cid]
         return out
 
     def _decrypt(self, comm: Communicator, round: int, total: Any) -> np.ndarray:

@@ -140,6 +140,8 @@ class _Round:
         self.comm, self.round, self.config, self.ctx = comm, round, config, ctx
         self.server = SecAggServer(config)
         self.failed: dict[int, str] = {}
+        #: the accepted replies of the last exchange (the fit replies carry the client steps' metadata)
+        self.last: dict[int, Message] = {}
 
     def exchange(self, messages: dict[int, Message], reply_kind: str, cls: type, stage: str) -> dict[int, Any]:
         """Send, collect, parse: each client's reply as a protocol message (bad ones count as failed)."""
@@ -147,6 +149,7 @@ class _Round:
         for cid, reason in ex.failed.items():
             self.failed[cid] = f"{stage}: {reason}"
         parsed: dict[int, Any] = {}
+        self.last = {}
         for cid in sorted(ex.replies):
             msg = ex.replies[cid]
             try:
@@ -158,6 +161,7 @@ class _Round:
                 self.ctx.log(f"round {self.round}: secagg {stage} reply of client {cid} rejected: {exc}")
                 continue
             parsed[cid] = wire
+            self.last[cid] = msg
         return parsed
 
     def message(self, kind: str, cid: int, wire: Any) -> Message:
@@ -195,6 +199,7 @@ class SecAggAggregator(Aggregator):
         shares = st.exchange({c: st.message(SHARE, c, m) for c, m in bcast.items()}, SHARES, ShareKeys, "share")
         routed = st.server.receive_shares(shares.values())
         masked = st.exchange(self._fit_messages(fit_messages, routed), FIT_RESULT, MaskedInput, "fit")
+        fit_replies = st.last
         for cid, m in masked.items():
             try:
                 st.server.add_masked_input(m)
@@ -209,7 +214,7 @@ class SecAggAggregator(Aggregator):
                 f"the masks cannot be removed with fewer than t={st.config.threshold}"
             )
         result = st.server.finish(answers.values())
-        return self._result(st, result, like, len(answers))
+        return self._result(st, result, like, len(answers), [fit_replies[c] for c in result.survivors])
 
     def _fit_messages(self, fit_messages: dict[int, Message], routed: dict[int, EncryptedShares]) -> dict[int, Message]:
         """Each live client's fit instruction, with its routed shares and the encoding it must use."""
@@ -221,8 +226,14 @@ class SecAggAggregator(Aggregator):
             out[cid] = Message(fit.kind, fit.round, cid, {**fit.meta, "secagg": spec}, fit.tensors)
         return out
 
-    def _result(self, st: _Round, result: Any, like: Params, answered: int) -> AggregateResult:
-        """The weighted mean update, and round figures, from the unmasked sum."""
+    def _result(
+        self, st: _Round, result: Any, like: Params, answered: int, replies: list[Message]
+    ) -> AggregateResult:
+        """The weighted mean update, and round figures, from the unmasked sum.
+
+        ``replies`` are the survivors' masked fit replies: their metadata (what client steps
+        report, e.g. DP accounting) goes on to the client steps and the ledger.
+        """
         n_params, n = num_params(like), len(result.survivors)
         if not result.weight_sum:
             raise SecAggAbort("the unmasked weight sum is zero")
@@ -235,7 +246,7 @@ class SecAggAggregator(Aggregator):
             "secagg_unmask_answers": float(answered),
             "secagg_saturated": float(result.total[n_params] / (n * st.config.clip)),
         }
-        return AggregateResult(delta, list(result.survivors), st.failed, float(result.weight_sum), metrics)
+        return AggregateResult(delta, list(result.survivors), st.failed, float(result.weight_sum), metrics, replies)
 
     # -- client ---------------------------------------------------------------------------
     def client_handlers(self) -> dict[str, Any]:
