@@ -607,7 +607,11 @@ def serve(config: Any, run_dir: str | Path | None = None, resume: str | Path | N
     exp = Experiment(config, log=log)
     path = Path(resume) if resume else Path(run_dir) if run_dir else exp._new_run_dir()
     if resume:
-        log(f"resuming {path} after round {trim_after_checkpoint(path)}")
+        done = trim_after_checkpoint(path)
+        if done >= config.run.rounds:
+            log(f"{path} is complete ({done} of {config.run.rounds} rounds); nothing to resume")
+            return None
+        log(f"resuming {path} after round {done}")
     path.mkdir(parents=True, exist_ok=True)
     log(f"run folder: {path}")
 
