@@ -14,9 +14,12 @@ Run: ``python benchmarks/run.py secagg`` (``--quick`` shrinks every workload for
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -68,9 +71,14 @@ def _per_client(rows: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _timed_run(overrides: list[str], out: Path, name: str, model_fn=None) -> dict[str, Any]:
-    """One engine run (worker processes, as a user runs it): round times, bytes, accuracy."""
+    """One engine run (``Experiment.run``, worker processes) in a fresh interpreter."""
+    return _spawn("run", overrides, model_fn, str(out / f"{name}-{int(time.time() * 1000)}"))
+
+
+def _run_here(overrides: list[str], run_dir: str, model_fn=None) -> dict[str, Any]:
+    """One engine run as a user runs it: round times, bytes, accuracy."""
     exp = _experiment(overrides, model_fn() if model_fn else None)
-    result = exp.run(run_dir=out / f"{name}-{int(time.time() * 1000)}")
+    result = exp.run(run_dir=run_dir)
     rounds = [r["round_s"] for r in result.rows]
     return {
         "round_s": rounds,
@@ -106,6 +114,26 @@ def _cpu_s(pids: list[int]) -> float:
 
 
 def _measured_rounds(overrides: list[str], model_fn=None) -> dict[str, Any]:
+    """:func:`_measure_here` in a fresh Python process.
+
+    Worker processes must be forked from a process that has not run multi-threaded torch or
+    TenSEAL work yet (OpenMP is not fork-safe: such children can hang), and the timings of one
+    run must not depend on what ran before it in the same process.
+    """
+    return _spawn("rounds", overrides, model_fn, "")
+
+
+def _spawn(kind: str, overrides: list[str], model_fn, out: str) -> dict[str, Any]:
+    """Run ``_measure_here`` (``rounds``) or ``_run_here`` (``run``) in a fresh interpreter."""
+    model = "mlp_100k" if model_fn is mlp_100k else ""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--inner", kind, json.dumps(overrides), model, out]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure_here(overrides: list[str], model_fn=None) -> dict[str, Any]:
     """Run the configured rounds as ``Experiment.run`` does (worker processes), timing each round
     in wall seconds and in CPU seconds of the server and all workers (robust on a shared machine)."""
     exp = _experiment(overrides, model_fn() if model_fn else None)
@@ -323,3 +351,10 @@ def bench_secure_accuracy(args: argparse.Namespace) -> dict[str, Any]:
 
 
 BENCHMARKS = {"secagg": bench_secagg, "ckks": bench_ckks, "secure-accuracy": bench_secure_accuracy}
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--inner":
+    _kind, _overrides, _model, _out = sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+    _fn = mlp_100k if _model == "mlp_100k" else None
+    _figures = _measure_here(_overrides, _fn) if _kind == "rounds" else _run_here(_overrides, _out, _fn)
+    print(json.dumps(_figures, default=str))

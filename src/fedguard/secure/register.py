@@ -95,10 +95,10 @@ def _check_ckks(settings: CKKSSettings) -> None:
             f"secure.ckks_coeff_bits[0]={bits[0]} leaves no room above the scale 2^{settings.global_scale_bits}; "
             "the first prime must exceed the scale bits by the bits of the largest sum"
         )
-    try:
-        from .ckks import CKKSContextConfig, create_secret_context
+    try:  # one thread: no TenSEAL thread pool may exist when the simulation forks its workers
+        import tenseal as ts
 
-        create_secret_context(CKKSContextConfig(settings.poly_modulus_degree, bits, settings.global_scale_bits))
+        ts.context(ts.SCHEME_TYPE.CKKS, settings.poly_modulus_degree, -1, list(bits), n_threads=1)
     except Exception as exc:  # TenSEAL refuses insecure or malformed parameters
         raise ConfigurationError(f"[secure] CKKS parameters refused: {exc}") from exc
 
