@@ -365,6 +365,22 @@ class VmapClippedSum:
         return ClippedSum(grads, norms, loss)
 
 
+def loop_clipped_sum(model: nn.Module, loss: TaskLoss, params: Params, batch: Batch, clip: float) -> ClippedSum:
+    """The obvious reference: one backward pass per example, then clipping (slow; for checks)."""
+    grads = [torch.zeros_like(v) for v in params.values()]
+    norms, total = [], 0.0
+    for i in range(batch[0].shape[0]):
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        value = loss(model, p, (batch[0][i : i + 1], batch[1][i : i + 1]))
+        one = torch.autograd.grad(value, list(p.values()))
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in one))
+        factor = clip_factors(norm, clip)
+        grads = [acc + factor * g for acc, g in zip(grads, one, strict=True)]
+        norms.append(norm)
+        total += float(value.detach())
+    return ClippedSum(grads, torch.stack(norms), total / max(len(norms), 1))
+
+
 def build_clipped_sum(
     model: nn.Module, loss: TaskLoss, method: str = "auto", log: Callable[[str], None] | None = None
 ) -> FastClippedSum | VmapClippedSum:

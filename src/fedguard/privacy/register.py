@@ -31,7 +31,7 @@ from fedguard.privacy.dpfedavg import AdaptiveClip, ClipUpdate, DistributedNoise
 from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan, DPSGDReport
 from fedguard.privacy.ledger import ClientLevelLedger, LocalLedger, SampleLevelLedger
 from fedguard.privacy.local_dp import LocalGaussian
-from fedguard.privacy.per_example import VmapClippedSum, build_clipped_sum, relative_difference
+from fedguard.privacy.per_example import VmapClippedSum, build_clipped_sum, loop_clipped_sum, relative_difference
 from fedguard.privacy.validator import validate_for_dpsgd
 from fedguard.tasks.base import Task
 
@@ -159,8 +159,8 @@ def _check_engine(engine: object, model: torch.nn.Module, task: Task, ctx: Build
         return
     batch = (ctx.train.x[:4], ctx.train.y[:4])
     params = {k: v.detach() for k, v in model.named_parameters()}
-    fast = engine(params, batch, 1e6)  # type: ignore[operator]
-    exact = VmapClippedSum(model, task.loss)(params, batch, 1e6)
+    fast = engine(params, batch, 0.1)  # type: ignore[operator]
+    exact = loop_clipped_sum(model, task.loss, params, batch, 0.1)
     if relative_difference(fast.grads, exact.grads) > 1e-3:
         raise ConfigurationError(
             "dp.per_example: the fast per-example gradients disagree with exact ones for this task. The task's loss "

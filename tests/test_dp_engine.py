@@ -1,0 +1,107 @@
+"""DP in whole runs: every mode on tiny data, budget mode, BatchNorm refused, reproducibility."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fedguard import ConfigurationError, Experiment
+from fedguard.privacy.validator import mixing_layers, validate_for_dpsgd
+
+TINY = [
+    "run.progress=false",
+    "run.report=false",
+    "run.workers=1",
+    "data.max_train_examples=240",
+    "data.num_clients=4",
+    "run.rounds=2",
+    "train.batch_size=20",
+    "dp.accountant=rdp",
+    "run.eval_every=0",
+]
+
+
+def run(tmp_path, *extra, name="run"):
+    return Experiment(overrides=[*TINY, *extra]).run(run_dir=tmp_path / name)
+
+
+def test_sample_level_run_reports_epsilon_every_round(tmp_path):
+    result = run(tmp_path, "dp.mode=sample", "dp.noise_multiplier=1.0", "run.report=true")
+    eps = [r["epsilon"] for r in result.rows]
+    assert 0 < eps[0] < eps[1]
+    for row in result.rows:
+        assert row["dp_mechanism"].startswith("sample-level") and row["delta"] == 1e-3  # N = 240 records
+        assert row["dp_noise_multiplier"] == 1.0 and 0 < row["dp_sampling_rate"] < 1
+    assert result.rows[1]["dp_steps"] == 2 * result.rows[0]["dp_steps"]
+    saved = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epsilon"] for r in saved] == eps
+    assert (result.run_dir / "plots" / "epsilon.png").stat().st_size > 1000
+    assert result.final["epsilon"] == eps[-1]
+
+
+def test_same_seed_same_noise(tmp_path):
+    a = run(tmp_path, "dp.mode=sample", "run.rounds=1", name="a")
+    b = run(tmp_path, "dp.mode=sample", "run.rounds=1", "run.workers=2", name="b")
+    assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+
+
+@pytest.mark.parametrize("placement", ["central", "distributed"])
+def test_client_level_run(tmp_path, placement):
+    result = run(tmp_path, "dp.mode=client", f"dp.noise_placement={placement}", "server.weighting=uniform",
+                 "dp.noise_multiplier=0.8", "data.num_clients=8", "server.clients_per_round=4")
+    row = result.rows[-1]
+    assert row["dp_mechanism"].startswith("client-level") and row["dp_sampling_rate"] == 0.5
+    assert row["delta"] == 0.1  # automatic: below 1/8 clients
+    assert row["epsilon"] > result.rows[0]["epsilon"] > 0
+
+
+def test_client_level_adaptive_clip_and_target_epsilon(tmp_path):
+    result = run(tmp_path, "dp.mode=client", "server.weighting=uniform", "dp.adaptive_clip=true",
+                 "dp.target_epsilon=5", "dp.quantile_noise=2", "data.num_clients=8", "run.rounds=3")
+    assert result.rows[-1]["epsilon"] <= 5.0
+    assert result.rows[-1]["epsilon"] > 4.5  # the whole budget is planned for run.rounds
+
+
+def test_client_level_needs_uniform_weighting(tmp_path):
+    with pytest.raises(ConfigurationError, match="server.weighting=uniform"):
+        run(tmp_path, "dp.mode=client")
+
+
+def test_local_dp_run(tmp_path):
+    result = run(tmp_path, "dp.mode=local", "dp.noise_multiplier=4")
+    assert result.rows[-1]["dp_mechanism"] == "local"
+    assert result.rows[-1]["dp_noise_multiplier"] == 2.0  # relative to the 2*clip sensitivity
+
+
+def test_budget_mode_stops_cleanly_before_exceeding(tmp_path):
+    result = run(tmp_path, "dp.mode=sample", "dp.budget_epsilon=2.5", "run.rounds=6", "dp.noise_multiplier=2")
+    assert result.stopped_early and "privacy budget" in result.stopped_early
+    assert 1 <= len(result.rows) < 6
+    assert all(r["epsilon"] <= 2.5 for r in result.rows)
+    assert (result.run_dir / "model.safetensors").exists()
+    assert result.final["rounds"] == len(result.rows)
+
+
+def test_batchnorm_refused_with_layer_name_and_fix():
+    with pytest.raises(ConfigurationError) as err:
+        Experiment(overrides=[*TINY, "dp.mode=sample", "task.norm=batch"]).assemble()
+    assert "features.1" in str(err.value) and "BatchNorm2d" in str(err.value) and "GroupNorm" in str(err.value)
+    Experiment(overrides=[*TINY, "dp.mode=sample", "task.norm=group"]).assemble()
+
+
+def test_validator_on_user_models():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten())
+    assert mixing_layers(model) == [("1", "InstanceNorm2d")]
+    with pytest.raises(ConfigurationError, match="'1' \\(InstanceNorm2d\\)"):
+        validate_for_dpsgd(model)
+    validate_for_dpsgd(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4)))
+
+
+def test_large_delta_warns():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup = Experiment(overrides=[*TINY, "dp.mode=sample", "dp.delta=0.01"]).assemble()
+    assert any("1/N" in str(w.message) for w in caught)
+    assert setup.pipeline.ledger.delta == 0.01
