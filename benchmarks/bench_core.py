@@ -74,6 +74,9 @@ WORKLOADS = {
         "task.model": "cnn-s",
         "run.rounds": 50,
         "run.eval_every": 5,
+        # server momentum (FedAvgM, Hsu et al. 2019); plain FedAvg: --set server.optimizer=fedavg
+        "server.optimizer": "fedavgm",
+        "server.momentum": 0.7,
     },
 }
 TARGETS = {"mnist-iid": 0.99, "mnist-dirichlet": 0.98}
@@ -181,6 +184,7 @@ def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, 
 
 
 def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, object]) -> dict[str, object]:
+    extra = {**extra, **dict(item.split("=", 1) for item in getattr(args, "set", None) or [])}
     cmd = [sys.executable, str(Path(__file__)), "--inner", side, name, args.data_dir, args.out, json.dumps(extra)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:

@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", default=str(HERE.parent.parent / "shared" / "data"), help="folder with mnist/ and fashion-mnist/"
     )
     parser.add_argument("--out", default=str(HERE.parent / "bench-out"), help="where runs write their folders")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one option of the workload"
+    )
     args = parser.parse_args(argv)
     benches = discover()
     if args.list or not args.name:
