@@ -17,6 +17,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -120,22 +121,69 @@ def _memory_mb(pids: list[int]) -> dict[str, float]:
     }
 
 
+def tree_cpu_s(root: int) -> float:
+    """User plus system CPU seconds of a process and all its living descendants (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += cpu.get(pid, 0.0)
+        stack += children.get(pid, [])
+    return total
+
+
+class RoundCpu(threading.Thread):
+    """Samples this process tree's CPU seconds each time a run's metrics.jsonl gains a row."""
+
+    def __init__(self, metrics: Path) -> None:
+        super().__init__(daemon=True)
+        self.metrics, self.samples, self.stop = metrics, [tree_cpu_s(os.getpid())], threading.Event()
+
+    def run(self) -> None:
+        rows = 0
+        while not self.stop.is_set():
+            n = len(self.metrics.read_text().splitlines()) if self.metrics.exists() else 0
+            if n > rows:
+                rows = n
+                self.samples.append(tree_cpu_s(os.getpid()))
+            time.sleep(0.05)
+
+    def per_round(self) -> list[float]:
+        """CPU seconds between consecutive rows (the first from the start of the run)."""
+        return [round(b - a, 2) for a, b in zip(self.samples, self.samples[1:], strict=False)]
+
+
 def _uploads(run_dir: Path) -> list[int]:
     """Bytes each client sent with its fit reply, per round (the protocol's count)."""
     events = [json.loads(line) for line in (run_dir / "network.jsonl").read_text().splitlines() if line.strip()]
     return [e["upload_bytes"] for e in events if e["kind"] == "fit" and e["status"] == "ok"]
 
 
-def _watch_rounds(server: Proc, port: int, rounds: int, timeout: float) -> list[int]:
-    """Per client and round, the TCP bytes the server received (snapshots at each round's end)."""
+def _watch_rounds(server: Proc, port: int, rounds: int, timeout: float) -> tuple[list[int], list[float]]:
+    """Per client and round, the TCP bytes the server received; per round, the CPU seconds of
+    the server and every client (snapshots at each round's end)."""
     server.wait_for(r"clients connected", timeout)
-    before, per_round = _socket_received(port), []
+    before, per_client = _socket_received(port), []
+    cpu = [tree_cpu_s(os.getpid())]
     for r in range(1, rounds + 1):
         server.wait_for(rf"round {r} fit: ", timeout)
         after = _socket_received(port)
-        per_round += [after[p] - before[p] for p in after if p in before and after[p] > before[p]]
+        cpu.append(tree_cpu_s(os.getpid()))
+        per_client += [after[p] - before[p] for p in after if p in before and after[p] > before[p]]
         before = after
-    return per_round
+    return per_client, [round(b - a, 2) for a, b in zip(cpu, cpu[1:], strict=False)]
 
 
 # -- net-50 -------------------------------------------------------------------------------------
@@ -147,8 +195,11 @@ def net_50(args: Any) -> dict[str, Any]:
     data_paths, model_bytes = _export_partitions(config, _fresh(folder / "data"))
     load_before = os.getloadavg()[0]
 
+    watcher = RoundCpu(folder / "sim" / "metrics.jsonl")
+    watcher.start()
     sim = simulate(config, folder / "sim")
-    sim_round_s = [r["round_s"] for r in sim.rows]
+    watcher.stop.set()
+    sim_round_s, sim_cpu = [r["round_s"] for r in sim.rows], watcher.per_round()
 
     dep = LocalDeployment(folder / "net", clients, config)
     server = dep.start_server(folder / "run")
@@ -158,7 +209,7 @@ def net_50(args: Any) -> dict[str, Any]:
     server.wait_for(r"clients connected", 900)
     startup_s = time.monotonic() - t0
     memory = _memory_mb([p.pid for p in procs])
-    socket_bytes = _watch_rounds(server, dep.port, rounds, 1800)
+    socket_bytes, net_cpu = _watch_rounds(server, dep.port, rounds, 1800)
     rc = _finish(dep, server, 600)
 
     net_round_s = [r["round_s"] for r in metric_rows(folder / "run", ("round_s",))]
@@ -180,6 +231,11 @@ def net_50(args: Any) -> dict[str, Any]:
         "test_accuracy": sim.final.get("test_accuracy"),
         "net_round_s": net_round_s,
         "sim_round_s": sim_round_s,
+        "cpu_s_per_round_median": statistics.median(net_cpu),
+        "sim_cpu_s_per_round_median": statistics.median(sim_cpu),
+        "cpu_ratio": round(statistics.median(net_cpu) / statistics.median(sim_cpu), 3),
+        "net_cpu_s_per_round": net_cpu,
+        "sim_cpu_s_per_round": sim_cpu,
         "client_startup_s": round(startup_s, 1),
         **memory,
         "server_exit_code": rc,
@@ -197,8 +253,14 @@ def _kill_when(proc: Proc, pattern: str, timeout: float) -> bool:
     return proc.wait(30) == -signal.SIGKILL
 
 
+#: accuracy change from losing 20% of the clients that counts as noise (quick runs train far less)
+NOISE = {True: 0.05, False: 0.02}
+
+
 def drill_kill_20_percent(args: Any, folder: Path) -> dict[str, Any]:
-    """Kill 20% of the clients while they train a round: the round completes, accuracy holds."""
+    """Kill 20% of the clients while they train a round: the round completes with the others,
+    the model equals FedAvg over the survivors exactly, and the final accuracy is within
+    noise of the run where nobody was killed."""
     clients, rounds, kill_round = (5, 3, 2) if args.quick else (10, 5, 3)
     victims = list(range(1, clients, 5))
     config = _base(args, clients, rounds, 0 if not args.quick else 2000, seed=11,
@@ -211,18 +273,22 @@ def drill_kill_20_percent(args: Any, folder: Path) -> dict[str, Any]:
     rc = _finish(dep, server, 1800)
     rows = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     reasons = rows[kill_round - 1]["failed_clients"]
-    sim = simulate(config, folder / "sim")
-    acc_net, acc_sim = rows[-1]["test_accuracy"], sim.rows[-1]["test_accuracy"]
+    survivors = simulate(config, folder / "sim-survivors", drop=(set(victims), kill_round, rounds))
+    uninterrupted = simulate(config, folder / "sim")
+    acc_net, acc_full = rows[-1]["test_accuracy"], uninterrupted.rows[-1]["test_accuracy"]
+    diff = model_difference(folder / "run", survivors.run_dir)
     ok = (
         rc == 0
         and killed
         and rows[kill_round - 1]["completed_clients"] == clients - len(victims)
         and all("connection lost" in reasons.get(str(v), "") for v in victims)
         and all(r["aborted"] is None for r in rows)
-        and abs(acc_net - acc_sim) <= 0.02
+        and diff == 0
+        and abs(acc_net - acc_full) <= NOISE[bool(args.quick)]
     )
     return {"passed": ok, "killed": victims, "round": kill_round, "failed_reasons": reasons,
-            "test_accuracy": acc_net, "uninterrupted_test_accuracy": acc_sim}
+            "model_max_abs_diff_vs_survivors_fedavg": diff, "test_accuracy": acc_net,
+            "uninterrupted_test_accuracy": acc_full, "noise_tolerance": NOISE[bool(args.quick)]}
 
 
 def drill_restart_client(args: Any, folder: Path) -> dict[str, Any]:
@@ -236,7 +302,7 @@ def drill_restart_client(args: Any, folder: Path) -> dict[str, Any]:
     again = dep.start_client(3, ["--state-dir", str(folder / "state-3")], name="client-3-restarted")
     rc = _finish(dep, server, 900)
     completed = [r["completed_clients"] for r in metric_rows(folder / "run")]
-    sim = simulate(config, folder / "sim", drop=(3, 2))
+    sim = simulate(config, folder / "sim", drop=({3}, 2, 2))
     diff = model_difference(folder / "run", sim.run_dir)
     ok = rc == 0 and killed and completed == [5, 4, 5] and again.count(r"round 3: fit_result sent") == 1 and diff == 0
     return {"passed": ok, "completed_per_round": completed, "model_max_abs_diff_vs_reference": diff}

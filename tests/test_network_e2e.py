@@ -125,6 +125,6 @@ def test_client_and_server_killed_mid_round_rejoin_and_resume_to_the_reference_r
     rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3, 4] and [r["completed_clients"] for r in rows] == [3, 2, 3, 3]
 
-    sim = simulate(config, tmp_path / "sim", drop=(2, 2))
+    sim = simulate(config, tmp_path / "sim", drop=({2}, 2, 2))
     assert rows == _rows(sim.run_dir)
     _assert_same_model(run_dir, sim.run_dir)

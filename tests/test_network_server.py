@@ -206,3 +206,21 @@ def test_mutual_tls_binds_the_certificate_to_the_client_id(serve, pki: Path) -> 
     with pytest.raises(grpc.RpcError) as err:
         plaintext.join_rpc(plaintext.hello(), timeout=3)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_one_task_stream_per_session_and_only_clients_of_this_run(serve, pki: Path) -> None:
+    comm = serve()
+    client = _client(comm, pki, 0)
+    client.join()
+    client.open_tasks()
+    _in_thread(lambda: comm.exchange(_fit([0])))
+    assert client.next_request() is not None
+    with pytest.raises(grpc.RpcError) as err:  # an insider opening streams to tie up server threads
+        next(iter(client.tasks_rpc(client.poll(), timeout=5)))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already has its task stream" in err.value.details()
+    certs.add_clients(pki, [5])
+    outsider = _client(comm, pki, 5)
+    with pytest.raises(grpc.RpcError) as err:
+        outsider.join()
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not in this run" in err.value.details()

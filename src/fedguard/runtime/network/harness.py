@@ -188,9 +188,16 @@ METRIC_KEYS = ("round", "completed_clients", "train_loss", "test_accuracy", "tes
 
 
 def simulate(
-    config: dict[str, Any], folder: str | Path, sets: dict[str, Any] | None = None, drop: tuple[int, int] | None = None
+    config: dict[str, Any],
+    folder: str | Path,
+    sets: dict[str, Any] | None = None,
+    drop: tuple[set[int], int, int] | None = None,
 ) -> Any:
-    """Run ``config`` (minus [network]) in the simulation; ``drop=(client, round)`` fails one client once."""
+    """Run ``config`` (minus [network]) in the simulation.
+
+    ``drop=(clients, first, last)`` makes those clients fail in rounds first..last, as
+    killing their processes did.
+    """
     from fedguard.config import Config
     from fedguard.experiment import Experiment
 
@@ -215,15 +222,15 @@ def simulate(
 
 
 class DropOnce:
-    """A communicator whose ``client`` fails in ``round`` (what killing its process does)."""
+    """A communicator whose ``clients`` fail in rounds ``first``..``last`` (what killing them does)."""
 
-    def __init__(self, inner: Any, client: int, round: int) -> None:
-        self.inner, self.client, self.round = inner, client, round
+    def __init__(self, inner: Any, clients: set[int], first: int, last: int) -> None:
+        self.inner, self.clients, self.first, self.last = inner, set(clients), first, last
         self.traffic = inner.traffic
 
     def exchange(self, messages: dict[int, Any]) -> Any:
-        """The inner exchange without the dropped client, which is reported as failed."""
-        keep = {c: m for c, m in messages.items() if not (c == self.client and m.round == self.round)}
+        """The inner exchange without the dropped clients, which are reported as failed."""
+        keep = {c: m for c, m in messages.items() if not (c in self.clients and self.first <= m.round <= self.last)}
         result = self.inner.exchange(keep)
         result.failed.update({c: "killed" for c in messages if c not in keep})
         return result

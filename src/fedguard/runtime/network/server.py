@@ -361,6 +361,9 @@ class NetworkCommunicator:
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, reason, cid)
         if len(hello.client_nonce) < 16 or not self._nonces.fresh(bytes(hello.client_nonce)):
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "replayed Hello (nonce seen before)", cid)
+        if not 0 <= cid < self.info.population:
+            reason = f"client {cid} is not in this run (clients 0..{self.info.population - 1})"
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, reason, cid)
         session = self._open_session(cid, key, context.peer())
         welcome = pb.Welcome(
             protocol_version=PROTOCOL_VERSION,
@@ -434,6 +437,8 @@ class NetworkCommunicator:
         with self._cond:
             if req.seq <= session.poll_seq:
                 raise Refused(grpc.StatusCode.UNAUTHENTICATED, "replayed task poll", cid)
+            if session.streaming or session.ended:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "this session already has its task stream", cid)
             session.poll_seq = int(req.seq)
             session.streaming = True
             self._cond.notify_all()
