@@ -72,15 +72,17 @@ class DPConfig:
         choices=["auto", "fast", "vmap"],
     )
     noise_placement: str = option(
-        "central",
-        "client: who adds the noise: central (the server) or distributed (each client adds its share; "
-        "combine with secure aggregation).",
-        choices=["central", "distributed"],
+        "auto",
+        "Who adds the noise. client: central (the server; the default) or distributed (each client adds its "
+        "share; combine with secure aggregation). sample: local (each client's DP-SGD adds all of it; the "
+        "default) or distributed (each client adds its share of each step's noise; needs dp.local_steps=1, "
+        "a fixed dp.sample_rate and secure aggregation).",
+        choices=["auto", "local", "central", "distributed"],
     )
     noise_shares: int = option(
         0,
-        "client, distributed: number of completed clients whose shares make the full noise (0: the expected "
-        "clients per round). Fewer completed clients mean less noise, charged as such.",
+        "distributed: number of completed clients whose shares make the full noise (0: the clients per "
+        "round). Fewer completed clients mean less noise, charged as such.",
         min=0,
     )
     adaptive_clip: bool = option(

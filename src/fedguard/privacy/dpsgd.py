@@ -4,6 +4,11 @@ Each local step takes a Poisson sample of the client's examples (each example in
 with probability ``q``), clips every example's gradient to norm ``C``, adds Gaussian noise
 of standard deviation ``sigma * C`` to the sum and divides by the *expected* batch size
 ``q * n`` (a fixed denominator, so that one example changes the result by at most ``C / (q n)``).
+
+Distributed noise (``noise_shares = K``): with one local step per round, a fixed ``q`` and
+example-weighted FedAvg, the aggregate is ``(sum of all clipped gradients + sum of noises) /
+(q N)``; if each of ``K`` clients adds ``sigma * C / sqrt(K)``, the sum carries ``sigma * C``:
+DP-SGD on the union of the clients' data, for a server that only sees the secure sum.
 The client reports ``(q, sigma, steps)`` with its update; the server's ledger composes each
 client's own steps over every round it took part in.
 
@@ -43,6 +48,8 @@ class DPSGDPlan:
     steps: int = 0
     epochs: int = 1
     steps_limit: int | None = None
+    #: distributed noise: each client adds 1/noise_shares of the noise variance
+    noise_shares: float = 1.0
 
     def rate(self, n: int) -> float:
         """Poisson sampling rate of a client with ``n`` examples."""
@@ -93,7 +100,8 @@ class DPSGD:
             result = self.engine(params, batch, plan.clip)
             sums, loss = result.grads, result.loss
             self._loss_sum, self._loss_count = self._loss_sum + loss, self._loss_count + 1
-        noise = gaussian_like(dict(zip(params, sums, strict=True)), plan.noise_multiplier * plan.clip, generator)
+        std = plan.noise_multiplier * plan.clip / math.sqrt(plan.noise_shares)
+        noise = gaussian_like(dict(zip(params, sums, strict=True)), std, generator)
         with torch.no_grad():
             grads = [(s + noise[k]) / self._expected_batch for k, s in zip(params, sums, strict=True)]
         return grads, loss

@@ -169,12 +169,21 @@ class SampleLevelLedger(DPLedger):
     which are the same settings the client's code runs with.
     """
 
-    def __init__(self, delta: float, accountant: str = "pld", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        delta: float,
+        accountant: str = "pld",
+        noise_scale: Callable[[int], float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__("sample-level (DP-SGD)", delta, accountant, **kwargs)
+        #: distributed noise: the factor on sigma when ``completed`` clients added their share
+        self.noise_scale = noise_scale or (lambda completed: 1.0)
 
     def record_round(self, ctx: ServerContext, replies: list[Message]) -> None:
         """Charge every client whose update was aggregated this round."""
         self.rounds += 1
+        scale = self.noise_scale(len(ctx.completed))
         reported = {m.client_id: m.meta["dp_sgd"] for m in replies if isinstance(m.meta.get("dp_sgd"), dict)}
         for client in ctx.completed:
             info = reported.get(client)
@@ -185,7 +194,7 @@ class SampleLevelLedger(DPLedger):
                 steps = self.planner(client)
             else:
                 raise ValueError(f"client {client} sent no DP-SGD report; its privacy cannot be accounted")
-            self.spend(client, steps)
+            self.spend(client, [(GaussianStep(s.noise_multiplier * scale, s.sampling_rate), c) for s, c in steps])
 
 
 class ClientLevelLedger(DPLedger):

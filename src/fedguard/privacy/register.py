@@ -70,7 +70,9 @@ def base_sample_plan(ctx: BuildContext, trainer: LocalSGD | None = None) -> DPSG
     """DP-SGD settings from the configuration (noise multiplier as configured)."""
     dp, t = ctx.config.dp, ctx.config.train
     limit = trainer.steps_limit if trainer is not None else (t.max_steps or None)
-    return DPSGDPlan(dp.noise_multiplier, dp.clip, dp.sample_rate, t.batch_size, dp.local_steps, t.epochs, limit)
+    shares = sample_noise_shares(ctx)
+    return DPSGDPlan(dp.noise_multiplier, dp.clip, dp.sample_rate, t.batch_size, dp.local_steps, t.epochs, limit,
+                     shares)
 
 
 def sample_plan(ctx: BuildContext, trainer: LocalSGD | None = None) -> DPSGDPlan:
@@ -176,9 +178,36 @@ def _sample_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
         n = sizes[client]
         return [(GaussianStep(plan.noise_multiplier, plan.rate(n)), plan.local_steps(n))]
 
+    scale = lambda completed: 1.0  # noqa: E731
+    if plan.noise_shares > 1:
+        shares = plan.noise_shares
+        scale = lambda completed: math.sqrt(completed / shares)  # noqa: E731
+        if not _secure_sum(parts, ctx):
+            ctx.log("warning: distributed DP-SGD noise without secure aggregation: the server sees each update "
+                    "with only its small share of the noise; set secure.mode=secagg")
     parts.client_steps.insert(0, DPSGDReport(plan))
     parts.ledger = SampleLevelLedger(resolve_delta(ctx), dp.accountant, budget=dp.budget_epsilon,
-                                     sampler=ctx.sampler, planner=planner)
+                                     sampler=ctx.sampler, planner=planner, noise_scale=scale)
+
+
+def sample_noise_shares(ctx: BuildContext) -> float:
+    """1, or the number of shares of distributed DP-SGD noise (refusing settings it cannot serve)."""
+    dp = ctx.config.dp
+    if dp.noise_placement in ("auto", "local"):
+        return 1.0
+    if dp.noise_placement != "distributed":
+        raise ConfigurationError("dp.mode=sample: dp.noise_placement must be local or distributed")
+    problems = []
+    if dp.local_steps != 1:
+        problems.append("dp.local_steps=1 (one step per round: the sum of several noisy local steps taken from "
+                        "private points is not one Gaussian release)")
+    if dp.sample_rate <= 0:
+        problems.append("a fixed dp.sample_rate (the same for every client, so every example's noise is equal)")
+    if ctx.config.server.weighting != "examples":
+        problems.append("server.weighting=examples (the aggregate is then the sum over all examples / (q N))")
+    if problems:
+        raise ConfigurationError("dp.noise_placement=distributed with dp.mode=sample needs " + "; ".join(problems))
+    return float(dp.noise_shares or ctx.sampler.per_round(ctx.sampler.population))
 
 
 # -- client-level and local ----------------------------------------------------------------------
@@ -213,6 +242,8 @@ def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
         adaptive = AdaptiveClip(dp.target_quantile, dp.clip_lr, sigma_b)
         ctx.log(f"DP adaptive clipping: count noise {sigma_b:.3g}, update noise multiplier {z_update:.4f} "
                 f"(total {z:.4f})")
+    if dp.noise_placement == "local":
+        raise ConfigurationError("dp.mode=client: dp.noise_placement must be central or distributed")
     clip = ClipUpdate(dp.clip, expected, adaptive)
     steps: list = [clip]
     noise_of_round = lambda completed: z  # noqa: E731
