@@ -78,10 +78,17 @@ DP_CLIENT = {
     "server.momentum": 0.9,
     "dp.mode": "client",
     "dp.clip": 0.5,
+    "dp.adaptive_clip": True,
     "run.rounds": 60,
     "run.eval_every": 0,
 }
-CLIENT_NOISE = (0.3, 0.6, 1.2)
+CLIENT_NOISE = (0.5, 1.0, 2.0)
+QUICK_CLIENT = {
+    "run.rounds": 3,
+    "data.max_train_examples": 6000,
+    "data.num_clients": 100,
+    "server.clients_per_round": 10,
+}
 
 
 def _overrides(cfg: dict[str, Any], args: argparse.Namespace, extra: dict[str, Any] | None = None) -> list[str]:
@@ -133,7 +140,7 @@ def dp_client(args: argparse.Namespace) -> dict[str, Any]:
     """Client-level DP-FedAvg on W1's 1,000 clients: accuracy and ledger epsilon at three noise levels."""
     points, config = [], None
     for z in CLIENT_NOISE:
-        extra = {"dp.noise_multiplier": z, **({"run.rounds": 3, "data.max_train_examples": 6000} if args.quick else {})}
+        extra = {"dp.noise_multiplier": z, **(QUICK_CLIENT if args.quick else {})}
         result, config, wall = _run(DP_CLIENT, args, f"dp-client-z{z}", extra)
         final = result.final
         points.append({
