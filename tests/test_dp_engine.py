@@ -105,3 +105,18 @@ def test_large_delta_warns():
         setup = Experiment(overrides=[*TINY, "dp.mode=sample", "dp.delta=0.01"]).assemble()
     assert any("1/N" in str(w.message) for w in caught)
     assert setup.pipeline.ledger.delta == 0.01
+
+
+def test_distributed_dpsgd_refuses_what_it_cannot_account():
+    with pytest.raises(ConfigurationError, match="dp.local_steps=1.*dp.sample_rate"):
+        Experiment(overrides=[*TINY, "dp.mode=sample", "dp.noise_placement=distributed"]).assemble()
+    setup = Experiment(overrides=[*TINY, "dp.mode=sample", "dp.noise_placement=distributed", "dp.local_steps=1",
+                                  "dp.sample_rate=0.1"]).assemble()
+    assert setup.pipeline.ledger.noise_scale(4) == 1.0 and setup.pipeline.ledger.noise_scale(1) == 0.5
+
+
+def test_distributed_dpsgd_with_secure_aggregation_runs(tmp_path):
+    result = run(tmp_path, "dp.mode=sample", "dp.noise_placement=distributed", "dp.local_steps=1",
+                 "dp.sample_rate=0.1", "secure.mode=secagg", "dp.noise_multiplier=1.5")
+    assert [r["completed_clients"] for r in result.rows] == [4, 4]
+    assert result.rows[-1]["dp_steps"] == 2 and result.rows[-1]["dp_noise_multiplier"] == 1.5
