@@ -21,6 +21,7 @@ TINY = [
     "mae.decoder_dim=16",
     "mae.eval_examples=200",
     "mae.probe_iters=20",
+    "mae.extra_pools=mean",
     "mae.lr=3e-3",
 ]
 
@@ -82,7 +83,7 @@ def test_short_federated_run_lowers_masked_mse_and_reports_probe(tmp_path):
     assert rows[-1]["test_masked_mse"] < rows[0]["test_masked_mse"]
     final = result.final
     assert 0.1 < final["probe_acc"] <= 1 and 0.5 < final["pixel_probe_acc"] <= 1
-    assert final["probe_examples"] == 400
+    assert final["probe_examples"] == 400 and 0.1 < final["probe_acc_mean"] <= 1
     path = result.run_dir / "plots" / "mae_reconstruction_final.png"
     assert path.stat().st_size > 1000 and path.name in (result.run_dir / "report.md").read_text()
 
@@ -95,4 +96,6 @@ def test_probe_features_pools():
     assert model.features(x, "grid").shape == (2, 32)
     assert model.features(x, "tokens").shape == (2, 128)
     data = ArrayDataset(x, torch.zeros(2, dtype=torch.long))
-    assert task.features(model, dict(model.named_parameters()), data.x).shape == (2, 8)
+    feats = task.features(model, dict(model.named_parameters()), data.x, ["mean", "tokens"])
+    assert torch.allclose(feats["mean"], model.features(x, "mean"), atol=1e-6)
+    assert feats["tokens"].shape == (2, 128)

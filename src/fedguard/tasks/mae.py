@@ -128,18 +128,23 @@ class MAE(nn.Module):
         return self.decode(self.encode(patchify(x, self.patch), keep_idx), keep_idx), mask
 
     def features(self, x: torch.Tensor, pool: str = "mean") -> torch.Tensor:
-        """Frozen-encoder features of unmasked images: tokens averaged ('mean'), averaged over
-        each quarter of the image ('grid', 4 x dim), or all tokens concatenated ('tokens')."""
-        tokens = self.encode(patchify(x, self.patch))
-        if pool == "mean":
-            return tokens.mean(1)
-        if pool == "tokens":
-            return tokens.flatten(1)
-        if pool == "grid":
-            side = int(math.isqrt(self.num_patches))
-            grid = tokens.reshape(len(x), side, side, -1).permute(0, 3, 1, 2)
-            return F.adaptive_avg_pool2d(grid, 2).flatten(1)
-        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        """Frozen-encoder features of unmasked images (see :func:`pool_tokens`)."""
+        return pool_tokens(self.encode(patchify(x, self.patch)), pool)
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """Image features from encoder tokens (B, N, dim) on a square patch grid: the tokens'
+    mean ('mean', dim), their means over each quarter of the image ('grid', 4 x dim), or all
+    tokens concatenated in patch order ('tokens', N x dim)."""
+    if pool == "mean":
+        return tokens.mean(1)
+    if pool == "tokens":
+        return tokens.flatten(1)
+    if pool == "grid":
+        side = math.isqrt(tokens.shape[1])
+        grid = tokens.reshape(len(tokens), side, side, -1).permute(0, 3, 1, 2)
+        return F.adaptive_avg_pool2d(grid, 2).flatten(1)
+    raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -179,11 +184,13 @@ class MAETask(Task):
     higher_is_better = False
 
     def __init__(self, shape: tuple[int, ...], patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4,
-                 decoder_dim: int = 32, decoder_depth: int = 1, mask_ratio: float = 0.75, pool: str = "mean",
-                 probe_examples: int = 0, probe_iters: int = 300, probe_l2: float = 1e-4,
-                 eval_examples: int = 2000, optimizer: str = "adam", lr: float = 1e-3) -> None:
-        if pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+                 decoder_dim: int = 32, decoder_depth: int = 1, mask_ratio: float = 0.75, pool: str = "tokens",
+                 extra_pools: tuple[str, ...] = (), probe_examples: int = 0, probe_iters: int = 300,
+                 probe_l2: float = 1e-4, eval_examples: int = 2000, optimizer: str = "adam", lr: float = 1e-3) -> None:
+        for p in (pool, *extra_pools):
+            if p not in POOLS:
+                raise ValueError(f"pool must be one of {POOLS}, got {p!r}")
+        self.extra_pools = tuple(extra_pools)
         self.shape, self.patch, self.dim, self.depth, self.heads = tuple(shape), patch, dim, depth, heads
         self.decoder_dim, self.decoder_depth, self.mask_ratio, self.pool = decoder_dim, decoder_depth, mask_ratio, pool
         self.probe_examples, self.probe_iters, self.probe_l2 = probe_examples, probe_iters, probe_l2
@@ -226,29 +233,48 @@ class MAETask(Task):
         return {"masked_mse": self.masked_mse_on(model, params, subset)}
 
     @torch.no_grad()
-    def features(self, model: nn.Module, params: Params, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-        """Frozen-encoder features (see :meth:`MAE.features`) of ``x``."""
+    def features(self, model: nn.Module, params: Params, x: torch.Tensor, pools: list[str] | None = None,
+                 batch_size: int = 1000) -> dict[str, torch.Tensor]:
+        """Frozen-encoder features of ``x`` for each pool (default: the configured one), from
+        one encoder pass over unmasked images."""
+        pools = pools or [self.pool]
         bound = bound_model(model, params)
-        return torch.cat([bound.features(x[i : i + batch_size], self.pool) for i in range(0, len(x), batch_size)])
+        parts: dict[str, list[torch.Tensor]] = {p: [] for p in pools}
+        for i in range(0, len(x), batch_size):
+            tokens = bound.encode(patchify(x[i : i + batch_size], self.patch))
+            for p in pools:
+                parts[p].append(pool_tokens(tokens, p))
+        return {p: torch.cat(chunks) for p, chunks in parts.items()}
 
     def probe_split(self, train: ArrayDataset) -> ArrayDataset:
         """The labelled training examples the probe is fitted on."""
         n = self.probe_examples
         return train if not n or n >= len(train) else train.subset(torch.arange(n))
 
+    def probes(self, model: nn.Module, params: Params, train: ArrayDataset,
+               test: ArrayDataset) -> dict[str, dict[str, float]]:
+        """Linear-probe train/test accuracy for the configured pool and each extra pool."""
+        pools = list(dict.fromkeys([self.pool, *self.extra_pools]))
+        train_f, test_f = self.features(model, params, train.x, pools), self.features(model, params, test.x, pools)
+        results = {}
+        for p in pools:
+            results[p] = linear_probe(train_f.pop(p), train.y, test_f.pop(p), test.y, self.probe_l2, self.probe_iters)
+        return results
+
     def final_metrics(self, model: nn.Module, params: Params, train: ArrayDataset,
                       test: ArrayDataset) -> dict[str, float]:
         probe_train = self.probe_split(train)
-        enc = linear_probe(self.features(model, params, probe_train.x), probe_train.y,
-                           self.features(model, params, test.x), test.y, self.probe_l2, self.probe_iters)
+        results = self.probes(model, params, probe_train, test)
         pix = pixel_probe(probe_train, test, self.probe_l2, self.probe_iters)
-        return {
+        out = {
             "final_masked_mse": self.masked_mse_on(model, params, test),
-            "probe_acc": enc["test_acc"],
-            "probe_train_acc": enc["train_acc"],
+            "probe_acc": results[self.pool]["test_acc"],
+            "probe_train_acc": results[self.pool]["train_acc"],
             "pixel_probe_acc": pix["test_acc"],
             "probe_examples": float(len(probe_train)),
         }
+        out.update({f"probe_acc_{p}": r["test_acc"] for p, r in results.items() if p != self.pool})
+        return out
 
     @torch.no_grad()
     def report_figures(self, model: nn.Module, params: Params, data: ArrayDataset, out_dir: Path,

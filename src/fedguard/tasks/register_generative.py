@@ -15,6 +15,8 @@ from fedguard.data.arrays import ArrayDataset
 from fedguard.tasks.base import Task
 from fedguard.tasks.generative_common import OPTIMIZERS
 
+POOLS = ["tokens", "mean", "grid"]
+
 ADAM_HELP = "Local update rule: adam, or sgd (the engine's LocalSGD: train.lr, train.momentum)."
 
 
@@ -58,7 +60,9 @@ class MAEConfig:
     heads: int = option(4, "Attention heads (encoder and decoder).", min=1)
     decoder_dim: int = option(32, "Decoder width.", min=1)
     decoder_depth: int = option(1, "Decoder transformer blocks.", min=1)
-    pool: str = option("mean", "Encoder features for the linear probe.", choices=["mean", "grid", "tokens"])
+    pool: str = option("tokens", "Encoder features of the linear probe: all patch tokens concatenated (tokens), "
+                       "their mean (mean) or their means per image quarter (grid).", choices=POOLS)
+    extra_pools: list[str] = option([], "More pools to probe as well, reported as probe_acc_<pool>.")
     probe_examples: int = option(0, "Labelled training images the linear probe is fitted on (0: all).", min=0)
     probe_iters: int = option(300, "L-BFGS iterations of the linear probe.", min=1)
     probe_l2: float = option(1e-4, "L2 penalty of the linear probe.", min=0.0)
@@ -73,8 +77,8 @@ def build_mae(config: Config, train: ArrayDataset) -> Task:
 
     c = config.mae
     return MAETask(tuple(train.x.shape[1:]), c.patch, c.dim, c.depth, c.heads, c.decoder_dim, c.decoder_depth,
-                   c.mask_ratio, c.pool, c.probe_examples, c.probe_iters, c.probe_l2, c.eval_examples,
-                   c.optimizer, c.lr)
+                   c.mask_ratio, c.pool, tuple(c.extra_pools), c.probe_examples, c.probe_iters, c.probe_l2,
+                   c.eval_examples, c.optimizer, c.lr)
 
 
 register_section("mae", MAEConfig)
