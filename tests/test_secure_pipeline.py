@@ -326,3 +326,9 @@ def test_clipping_and_distributed_dp_noise_combine_with_secagg(tmp_path) -> None
     assert max_diff(secure.params, plain.params) < 1e-6
     assert secure.rows[0]["client_secagg_saturated"] == 0.0
     assert secure.final["epsilon"] == plain.final["epsilon"] > 0
+
+
+def test_too_small_clip_is_reported_as_saturation() -> None:
+    server, _, _ = make_server("secure.mode=secagg", "secure.clip=1e-5")
+    record = server.run_round(1, False)
+    assert record.aborted is None and record.metrics["client_secagg_saturated"] > 0.5

@@ -244,7 +244,8 @@ class SecAggAggregator(Aggregator):
         metrics = {
             "secagg_survivors": float(n),
             "secagg_unmask_answers": float(answered),
-            "secagg_saturated": float(result.total[n_params] / (n * st.config.clip)),
+            # mean share of coordinates clipped; rounded: the slot carries quantization noise of ~1e-9
+            "secagg_saturated": round(max(0.0, float(result.total[n_params] / (n * st.config.clip))), 6),
         }
         return AggregateResult(delta, list(result.survivors), st.failed, float(result.weight_sum), metrics, replies)
 
