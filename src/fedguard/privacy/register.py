@@ -24,7 +24,7 @@ import torch
 from fedguard.algorithms.local_sgd import LocalSGD
 from fedguard.builders import PIPELINE_HOOKS, TRAINER_HOOKS, BuildContext, PipelineParts, seeded_model
 from fedguard.config import register_section
-from fedguard.pipeline.base import ConfigurationError
+from fedguard.pipeline.base import ClientStep, ConfigurationError
 from fedguard.privacy.accountant import GaussianStep, calibrate_noise, default_delta, epsilon, history_of
 from fedguard.privacy.config import DPConfig
 from fedguard.privacy.dpfedavg import AdaptiveClip, ClipUpdate, DistributedNoise, DPFedAvgNoise, update_noise_multiplier
@@ -115,7 +115,7 @@ def client_sampling_rate(ctx: BuildContext) -> float:
     return sampler.sampling_rate
 
 
-def client_noise(ctx: BuildContext, steps_per_round: int = 1) -> float:
+def client_noise(ctx: BuildContext) -> float:
     """The (total) noise multiplier for client-level or local DP, calibrated if targeted."""
     dp = ctx.config.dp
     if dp.target_epsilon <= 0:
@@ -213,7 +213,8 @@ def sample_noise_shares(ctx: BuildContext) -> float:
 # -- client-level and local ----------------------------------------------------------------------
 
 
-def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
+def _check_client_level(parts: PipelineParts, ctx: BuildContext) -> None:
+    """Refuse what DP-FedAvg's sensitivity argument cannot cover."""
     dp, server = ctx.config.dp, ctx.config.server
     if server.weighting != "uniform":
         raise ConfigurationError(
@@ -226,26 +227,35 @@ def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
             f"dp.mode=client adds noise to the sum of clipped updates, but robust.rule={rule} is not a sum. "
             "Clipping already bounds each client's influence: use robust.rule=none with dp.mode=client."
         )
+    if dp.noise_placement == "local":
+        raise ConfigurationError("dp.mode=client: dp.noise_placement must be central or distributed")
+    if dp.adaptive_clip and dp.noise_placement == "distributed":
+        raise ConfigurationError(
+            "dp.adaptive_clip needs each client's clipping indicator, which would reach the server outside "
+            "secure aggregation; use dp.noise_placement=central with adaptive clipping"
+        )
+
+
+def _adaptive_clip(ctx: BuildContext, z: float, expected: float) -> tuple[AdaptiveClip | None, float]:
+    """Andrew et al.'s quantile tracking (or None), and the update noise multiplier it leaves."""
+    dp = ctx.config.dp
+    if not dp.adaptive_clip:
+        return None, z
+    sigma_b = dp.quantile_noise or expected / 20.0
+    z_update = update_noise_multiplier(z, sigma_b)
+    ctx.log(f"DP adaptive clipping: count noise {sigma_b:.3g}, update noise multiplier {z_update:.4f} (total {z:.4f})")
+    return AdaptiveClip(dp.target_quantile, dp.clip_lr, sigma_b), z_update
+
+
+def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
+    _check_client_level(parts, ctx)
+    dp = ctx.config.dp
     q = client_sampling_rate(ctx)
     expected = q * ctx.sampler.population
     z = client_noise(ctx)
-    adaptive = None
-    z_update = z
-    if dp.adaptive_clip:
-        if dp.noise_placement == "distributed":
-            raise ConfigurationError(
-                "dp.adaptive_clip needs each client's clipping indicator, which would reach the server outside "
-                "secure aggregation; use dp.noise_placement=central with adaptive clipping"
-            )
-        sigma_b = dp.quantile_noise or expected / 20.0
-        z_update = update_noise_multiplier(z, sigma_b)
-        adaptive = AdaptiveClip(dp.target_quantile, dp.clip_lr, sigma_b)
-        ctx.log(f"DP adaptive clipping: count noise {sigma_b:.3g}, update noise multiplier {z_update:.4f} "
-                f"(total {z:.4f})")
-    if dp.noise_placement == "local":
-        raise ConfigurationError("dp.mode=client: dp.noise_placement must be central or distributed")
+    adaptive, z_update = _adaptive_clip(ctx, z, expected)
     clip = ClipUpdate(dp.clip, expected, adaptive)
-    steps: list = [clip]
+    steps: list[ClientStep] = [clip]
     noise_of_round = lambda completed: z  # noqa: E731
     if dp.noise_placement == "distributed":
         shares = dp.noise_shares or expected
