@@ -154,12 +154,25 @@ def _conv(m: nn.Conv1d | nn.Conv2d, a: torch.Tensor, b: torch.Tensor) -> _LayerG
         inner = layer.combine
         layer.combine = lambda c: _reshape_weight(inner(c), m.weight.shape)
         return layer
-    if groups == 1:  # (B, K, L) @ (B, L, Cout) is the fastest layout on CPU
-        g = torch.bmm(unfolded, b3.transpose(1, 2)).transpose(1, 2)
-    else:
-        u = unfolded.reshape(batch, groups, k_in // groups, positions)
-        g = torch.einsum("bgol,bgkl->bgok", b3.reshape(batch, groups, c_out // groups, positions), u)
+    if groups == 1:  # (B, K, L) @ (B, L, Cout) is the fastest layout on CPU; keep it (B, K, Cout)
+        return _conv_kernel_major(torch.bmm(unfolded, b3.transpose(1, 2)), bias, m.weight.shape)
+    u = unfolded.reshape(batch, groups, k_in // groups, positions)
+    g = torch.einsum("bgol,bgkl->bgok", b3.reshape(batch, groups, c_out // groups, positions), u)
     return _materialised({"weight": g.reshape(batch, *m.weight.shape), **bias})
+
+
+def _conv_kernel_major(g: torch.Tensor, bias: dict[str, torch.Tensor], shape: torch.Size) -> _LayerGrad:
+    """Per-example weight gradients held as (B, K, Cout): only the (K, Cout) sum is transposed."""
+    layer = _materialised({"weight": g, **bias})
+    inner = layer.combine
+
+    def combine(c: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = inner(c)
+        out["weight"] = out["weight"].t().reshape(shape)
+        return out
+
+    layer.combine = combine
+    return layer
 
 
 def unfold(
