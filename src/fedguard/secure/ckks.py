@@ -70,6 +70,8 @@ CHECK_VALUE = 1.0
 #: ``n``. Measured CKKS error is about ``2^13.5 * sqrt(n) / scale`` at worst over 100k slots, so
 #: this is >= 6x that; garbage from a wrong key is ~1e6 or more.
 CHECK_SLACK_BITS = 16
+#: the largest client count a sum may claim when the caller does not say how many it expects
+MAX_UNCHECKED_CLIENTS = 2**16
 
 
 class CKKSError(RuntimeError):
@@ -229,10 +231,16 @@ def decrypt_vector(
 
 
 def _verify_checks(checks: np.ndarray, num_clients: int | None, scale: float) -> None:
-    """The check slots must all decrypt to the number of summed clients."""
+    """The check slots must all decrypt to the number of summed clients.
+
+    With the count unknown, the first check slot gives it, and it must be a plausible count
+    (1..MAX_UNCHECKED_CLIENTS): garbage from a wrong key is ~1e7 and would otherwise bring a
+    tolerance wide enough to pass a single ciphertext.
+    """
     expected = float(num_clients) if num_clients is not None else float(np.round(checks[0]))
     tolerance = max(expected, 1.0) * 2.0**CHECK_SLACK_BITS / scale
-    bad = ~(np.abs(checks - expected) < tolerance) | (expected < 1)
+    implausible = num_clients is None and expected > MAX_UNCHECKED_CLIENTS
+    bad = ~(np.abs(checks - expected) < tolerance) | (expected < 1) | implausible
     if np.any(bad):
         j = int(np.argmax(bad))
         raise CKKSError(
