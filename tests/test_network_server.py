@@ -224,3 +224,19 @@ def test_one_task_stream_per_session_and_only_clients_of_this_run(serve, pki: Pa
     with pytest.raises(grpc.RpcError) as err:
         outsider.join()
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not in this run" in err.value.details()
+
+
+def test_resume_drops_rows_after_the_checkpoint_and_a_finished_run_has_nothing_to_resume(tmp_path: Path, pki: Path):
+    from fedguard.config import Config
+    from fedguard.runtime.network.server import serve, trim_after_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.json").write_text(json.dumps({"round": 2}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"round": r}) + "\n" for r in (1, 2, 3)))
+    assert trim_after_checkpoint(run) == 2
+    assert [json.loads(line)["round"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    config = Config.load(None, ["run.rounds=2", f"network.clients={pki / 'clients.json'}"])
+    logs: list[str] = []
+    assert serve(config, resume=run, log=logs.append) is None
+    assert any("nothing to resume" in line for line in logs)

@@ -192,11 +192,12 @@ def simulate(
     folder: str | Path,
     sets: dict[str, Any] | None = None,
     drop: tuple[set[int], int, int] | None = None,
+    drop_kinds: set[str] | None = None,
 ) -> Any:
     """Run ``config`` (minus [network]) in the simulation.
 
     ``drop=(clients, first, last)`` makes those clients fail in rounds first..last, as
-    killing their processes did.
+    killing their processes did: at every request, or only at those of ``drop_kinds``.
     """
     from fedguard.config import Config
     from fedguard.experiment import Experiment
@@ -212,7 +213,7 @@ def simulate(
     def factory(setup: Any) -> DropOnce:
         comm, state_dir = exp._simulation(setup)
         leftovers.append(state_dir)
-        return DropOnce(comm, *drop)
+        return DropOnce(comm, *drop, kinds=drop_kinds)
 
     try:
         return exp.run(folder, communicator=factory)
@@ -222,15 +223,21 @@ def simulate(
 
 
 class DropOnce:
-    """A communicator whose ``clients`` fail in rounds ``first``..``last`` (what killing them does)."""
+    """A communicator whose ``clients`` fail in rounds ``first``..``last`` (what killing them does),
+    at every request or only at requests of the given ``kinds``."""
 
-    def __init__(self, inner: Any, clients: set[int], first: int, last: int) -> None:
+    def __init__(self, inner: Any, clients: set[int], first: int, last: int, kinds: set[str] | None = None) -> None:
         self.inner, self.clients, self.first, self.last = inner, set(clients), first, last
+        self.kinds = kinds
         self.traffic = inner.traffic
+
+    def _drops(self, cid: int, msg: Any) -> bool:
+        in_kind = self.kinds is None or msg.kind in self.kinds
+        return cid in self.clients and self.first <= msg.round <= self.last and in_kind
 
     def exchange(self, messages: dict[int, Any]) -> Any:
         """The inner exchange without the dropped clients, which are reported as failed."""
-        keep = {c: m for c, m in messages.items() if not (c in self.clients and self.first <= m.round <= self.last)}
+        keep = {c: m for c, m in messages.items() if not self._drops(c, m)}
         result = self.inner.exchange(keep)
         result.failed.update({c: "killed" for c in messages if c not in keep})
         return result
