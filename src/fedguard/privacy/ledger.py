@@ -249,7 +249,3 @@ class LocalLedger(DPLedger):
         for client in ctx.completed:
             self.spend(client, [(self.step, 1)])
 
-
-def finite_or_none(value: float) -> float | None:
-    """JSON-friendly epsilon (None for infinity)."""
-    return value if math.isfinite(value) else None
