@@ -33,14 +33,40 @@ FEDERATED = {
     "run.threads": 1,
 }
 
-VAE = {"task.name": "vae", "run.rounds": 30, "run.eval_every": 5, "train.batch_size": 32, "vae.hidden": 400, "vae.latent": 20,
-       "vae.iwae_k": 100, "vae.eval_examples": 1000, "vae.lr": 1e-3}
-MAE = {"task.name": "mae", "run.rounds": 10, "run.eval_every": 2, "mae.patch": 4, "mae.dim": 64, "mae.depth": 4,
-       "mae.decoder_dim": 32, "mae.decoder_depth": 1, "mae.pool": "tokens", "mae.extra_pools": "mean",
-       "mae.eval_examples": 1000,
-       "mae.lr": 1e-3}
-GAN = {"task.name": "gan", "run.rounds": 30, "run.eval_every": 5, "gan.hidden": 256, "gan.latent": 64,
-       "gan.eval_samples": 2000, "gan.final_samples": 10000}
+VAE = {
+    "task.name": "vae",
+    "run.rounds": 30,
+    "run.eval_every": 5,
+    "train.batch_size": 32,
+    "vae.hidden": 400,
+    "vae.latent": 20,
+    "vae.iwae_k": 100,
+    "vae.eval_examples": 1000,
+    "vae.lr": 3e-3,
+}
+MAE = {
+    "task.name": "mae",
+    "run.rounds": 10,
+    "run.eval_every": 2,
+    "mae.patch": 4,
+    "mae.dim": 64,
+    "mae.depth": 4,
+    "mae.decoder_dim": 32,
+    "mae.decoder_depth": 1,
+    "mae.pool": "tokens",
+    "mae.extra_pools": "mean",
+    "mae.eval_examples": 1000,
+    "mae.lr": 1e-3,
+}
+GAN = {
+    "task.name": "gan",
+    "run.rounds": 30,
+    "run.eval_every": 5,
+    "gan.hidden": 256,
+    "gan.latent": 64,
+    "gan.eval_samples": 2000,
+    "gan.final_samples": 10000,
+}
 QUICK = {"data.dataset": "mnist-5k", "run.rounds": 3, "run.eval_every": 1}
 
 
@@ -60,9 +86,11 @@ def _run(args: Any, task: dict[str, Any], name: str) -> tuple[RunResult, Config,
     t0 = time.perf_counter()
     result = Experiment(config).run()
     assert result.baseline is not None
-    wall = {"fed_wall_s": round(result.timings["total_s"], 1),
-            "central_wall_s": round(result.baseline.timings["total_s"], 1),
-            "bench_total_s": round(time.perf_counter() - t0, 1)}
+    wall = {
+        "fed_wall_s": round(result.timings["total_s"], 1),
+        "central_wall_s": round(result.baseline.timings["total_s"], 1),
+        "bench_total_s": round(time.perf_counter() - t0, 1),
+    }
     return result, config, wall
 
 
@@ -75,10 +103,15 @@ def bench_vae(args: Any) -> dict[str, Any]:
     result, config, wall = _run(args, VAE, "bench-vae")
     fed, central = result.final, result.baseline.final
     return {
-        "fed_iwae_nll": fed["final_iwae_nll"], "central_iwae_nll": central["final_iwae_nll"],
-        "fed_neg_elbo": fed["final_neg_elbo"], "central_neg_elbo": central["final_neg_elbo"],
+        "fed_iwae_nll": fed["final_iwae_nll"],
+        "central_iwae_nll": central["final_iwae_nll"],
+        "fed_neg_elbo": fed["final_neg_elbo"],
+        "central_neg_elbo": central["final_neg_elbo"],
         "gap_nats": fed["final_iwae_nll"] - central["final_iwae_nll"],
-        "model_params": _params(result), **wall, "run_dir": str(result.run_dir), "config": config.to_dict(),
+        "model_params": _params(result),
+        **wall,
+        "run_dir": str(result.run_dir),
+        "config": config.to_dict(),
     }
 
 
@@ -88,12 +121,19 @@ def bench_mae(args: Any) -> dict[str, Any]:
     fed, central = result.final, result.baseline.final
     random = _random_init_probes(config)
     return {
-        "fed_probe_acc": fed["probe_acc"], "central_probe_acc": central["probe_acc"],
-        "pixel_probe_acc": fed["pixel_probe_acc"], "random_init_probe_acc": random["tokens"],
-        "fed_probe_acc_mean": fed["probe_acc_mean"], "central_probe_acc_mean": central["probe_acc_mean"],
+        "fed_probe_acc": fed["probe_acc"],
+        "central_probe_acc": central["probe_acc"],
+        "pixel_probe_acc": fed["pixel_probe_acc"],
+        "random_init_probe_acc": random["tokens"],
+        "fed_probe_acc_mean": fed["probe_acc_mean"],
+        "central_probe_acc_mean": central["probe_acc_mean"],
         "random_init_probe_acc_mean": random["mean"],
-        "fed_masked_mse": fed["final_masked_mse"], "central_masked_mse": central["final_masked_mse"],
-        "model_params": _params(result), **wall, "run_dir": str(result.run_dir), "config": config.to_dict(),
+        "fed_masked_mse": fed["final_masked_mse"],
+        "central_masked_mse": central["final_masked_mse"],
+        "model_params": _params(result),
+        **wall,
+        "run_dir": str(result.run_dir),
+        "config": config.to_dict(),
     }
 
 
@@ -115,10 +155,16 @@ def bench_gan(args: Any) -> dict[str, Any]:
     fed, central = result.final, result.baseline.final
     sanity = _fd_sanity(config, int(fed["final_fd_samples"]))
     return {
-        "fed_fd": fed["final_fd"], "central_fd": central["final_fd"], "real_fd": sanity.pop("real"),
+        "fed_fd": fed["final_fd"],
+        "central_fd": central["final_fd"],
+        "real_fd": sanity.pop("real"),
         "fd_classifier_test_acc": sanity.pop("classifier_test_acc"),
-        **{f"{k}_fd": v for k, v in sanity.items()}, "fd_samples": fed["final_fd_samples"],
-        "model_params": _params(result), **wall, "run_dir": str(result.run_dir), "config": config.to_dict(),
+        **{f"{k}_fd": v for k, v in sanity.items()},
+        "fd_samples": fed["final_fd_samples"],
+        "model_params": _params(result),
+        **wall,
+        "run_dir": str(result.run_dir),
+        "config": config.to_dict(),
     }
 
 
