@@ -42,7 +42,7 @@ from fedguard.runtime.network.wire import (
 
 logger = logging.getLogger("fedguard.client")
 
-#: gRPC codes after which retrying cannot help: the server refused this client
+#: gRPC codes of a refused Join, after which retrying cannot help
 FATAL = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
@@ -127,7 +127,6 @@ class NetworkClient:
         self._config_toml: str | None = None
         self.limits = Limits(max_payload_bytes=1 << 40)
         self.chunk_bytes = 1 << 20
-        self.uploaded = 0
 
     def log(self, text: str) -> None:
         """One line of this client's log."""
@@ -141,23 +140,26 @@ class NetworkClient:
         backoff = 0.2
         while True:
             try:
-                welcome = self._join()
+                try:
+                    welcome = self._join()
+                except grpc.RpcError as exc:
+                    if exc.code() in FATAL:
+                        logger.error("client %d: refused by the server: %s", self.client_id, exc.details())
+                        return EXIT_REFUSED
+                    raise
                 self._ensure_app(welcome)
                 down_since, backoff = None, 0.2
                 if self._serve(welcome) == "done":
                     self.log("the server says the run is over; exiting")
                     return EXIT_DONE
-            except grpc.RpcError as exc:
+            except grpc.RpcError as exc:  # lost the server or the session: join again
                 code = exc.code()
-                if code in FATAL:
-                    logger.error("client %d: refused by the server: %s", self.client_id, exc.details())
-                    return EXIT_REFUSED
                 down_since = down_since or time.monotonic()
                 if time.monotonic() - down_since > self.opts.retry_s:
                     logger.error("client %d: server unreachable for %.0f s; giving up",
                                  self.client_id, self.opts.retry_s)
                     return EXIT_GAVE_UP
-                self.log(f"server unavailable ({code.name}); retrying in {backoff:.1f} s")
+                self.log(f"lost the server or the session ({code.name}); joining again in {backoff:.1f} s")
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except WireError as exc:
@@ -225,7 +227,6 @@ class NetworkClient:
         frames = [f.SerializeToString() for f in encode(reply, route, self.key, TO_SERVER, self.chunk_bytes)]
         size = sum(len(f) for f in frames)
         ack = pb.SubmitReply.FromString(self._submit_rpc(iter(frames), timeout=300))
-        self.uploaded += size
         if not ack.accepted:
             logger.warning("client %d: the server refused our reply: %s", self.client_id, ack.reason)
         self.log(f"round {msg.round}: {reply.kind} sent ({size} bytes) after {time.perf_counter() - t0:.2f} s")
