@@ -90,14 +90,16 @@ def test_network_run_equals_simulation_while_fuzzed_and_strangers_are_refused(tm
 
 
 def test_secure_aggregation_survives_client_and_server_kills_like_the_simulation(tmp_path: Path) -> None:
-    """SecAgg+ (four request stages per round, secrets held by the clients) over the network.
+    """SecAgg+ (four request stages per round, secrets held by the clients) with DP-SGD on the
+    clients, over the network.
     SIGKILL client 3 of 4 while it trains round 2: the round completes with the other three,
     whose shares remove the dead client's masks; the restarted client (same state folder)
     rejoins. Then SIGKILL the server while clients train round 3: `fedguard server --resume`
     continues from the last checkpoint, the clients reconnect, and the metrics (each round
-    once) and the final model equal the simulation in which client 3 failed at round 2's fit
-    request."""
-    config = _config(3, 4, 800, seed=3, train={"epochs": 4}, secure={"mode": "secagg"})
+    once), the final model and the privacy ledger equal the simulation in which client 3
+    failed at round 2's fit request."""
+    dp = {"mode": "sample", "noise_multiplier": 1.0}
+    config = _config(3, 4, 800, seed=3, train={"epochs": 2}, secure={"mode": "secagg"}, dp=dp)
     dep = LocalDeployment(tmp_path / "net", clients=4, config=config)
     run_dir = tmp_path / "run"
     server = dep.start_server(run_dir)
@@ -128,3 +130,6 @@ def test_secure_aggregation_survives_client_and_server_kills_like_the_simulation
     sim = simulate(config, tmp_path / "sim", drop=({3}, 2, 2), drop_kinds={"fit"})
     assert rows == _rows(sim.run_dir)
     _assert_same_model(run_dir, sim.run_dir)
+    ledger = ("epsilon", "delta", "dp_steps")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epsilon"] > 0 and {k: summary[k] for k in ledger} == {k: sim.final[k] for k in ledger}
