@@ -240,3 +240,14 @@ def test_resume_drops_rows_after_the_checkpoint_and_a_finished_run_has_nothing_t
     logs: list[str] = []
     assert serve(config, resume=run, log=logs.append) is None
     assert any("nothing to resume" in line for line in logs)
+
+
+def test_a_model_larger_than_grpc_message_limit_streams_both_ways(serve, pki: Path) -> None:
+    comm = serve(chunk_kb=512)
+    big = {"w": torch.randn(3_000_000, generator=torch.Generator().manual_seed(0)), "b": torch.ones(5)}  # 12 MB
+    client = _client(comm, pki, 0)
+    thread = _in_thread(lambda: _answer(client, -1.0))
+    result = comm.exchange({0: Message("fit", 1, 0, {}, big)})
+    thread.join(30)
+    assert torch.equal(result.replies[0].tensors["w"], -big["w"])
+    assert 12_000_000 < comm.traffic.sent < 12_000_000 * 1.01 and 12_000_000 < comm.traffic.received < 12_000_000 * 1.01
