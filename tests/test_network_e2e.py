@@ -99,7 +99,7 @@ def test_secure_aggregation_survives_client_and_server_kills_like_the_simulation
     once), the final model and the privacy ledger equal the simulation in which client 3
     failed at round 2's fit request."""
     dp = {"mode": "sample", "noise_multiplier": 1.0}
-    config = _config(3, 4, 800, seed=3, train={"epochs": 2}, secure={"mode": "secagg"}, dp=dp)
+    config = _config(3, 4, 800, seed=3, train={"epochs": 2, "max_steps": 12}, secure={"mode": "secagg"}, dp=dp)
     dep = LocalDeployment(tmp_path / "net", clients=4, config=config)
     run_dir = tmp_path / "run"
     server = dep.start_server(run_dir)
