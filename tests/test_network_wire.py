@@ -199,3 +199,17 @@ def test_checked_in_gencode_matches_the_proto(tmp_path: Path) -> None:
     assert fresh and fresh == descriptor((src / rel.replace(".proto", "_pb2.py")).read_text()), (
         "the checked-in gencode is stale: regenerate it (see fedguard/runtime/network/proto/__init__.py)"
     )
+
+
+def test_a_client_refuses_a_server_running_another_configuration(tmp_path: Path) -> None:
+    import fedguard.plugins  # noqa: F401  (registers every section)
+    from fedguard.config import Config
+    from fedguard.runtime.network.client import ClientOptions, ClientSetupError, build_app
+
+    server = Config.load(None, ["train.lr=0.1", "network.address=10.0.0.1:1"])
+    mine = tmp_path / "mine.toml"
+    mine.write_text(Config.load(None, ["train.lr=0.2"]).to_toml())
+    welcome = pb.Welcome(config_toml=server.to_toml())
+    opts = ClientOptions(server="127.0.0.1:1", key_file="unused", config=str(mine))
+    with pytest.raises(ClientSetupError, match="differs from the server's configuration"):
+        build_app(opts, 0, welcome)
