@@ -48,17 +48,18 @@ DP_SAMPLE = {
     "dp.clip": 1.0,
     "dp.target_epsilon": 3.0,
     "dp.delta": 1e-5,
-    "train.lr": 2.0,
+    "train.lr": 3.0,
     "train.momentum": 0.0,
     "server.optimizer": "fedavgm",
-    "server.momentum": 0.5,
+    "server.momentum": 0.9,
     "secure.mode": "secagg",
+    "secure.clip": 2.0,
     "run.rounds": 100,
     "run.eval_every": 10,
 }
 
 #: sample-level DP with all of each client's noise added on the client
-DP_SAMPLE_LOCAL = {**DP_SAMPLE, "dp.noise_placement": "local", "secure.mode": "none"}
+DP_SAMPLE_LOCAL = {**DP_SAMPLE, "dp.noise_placement": "local", "secure.mode": "none", "secure.clip": 1.0}
 
 #: client-level DP on W1's partition (1,000 clients, Dirichlet 0.5, seed 0), 100 per round
 DP_CLIENT = {
@@ -152,7 +153,9 @@ def dp_client(args: argparse.Namespace) -> dict[str, Any]:
             "sampling_rate": final["dp_sampling_rate"],
             "wall_s": round(wall, 1),
         })
-    return {"points": points, "config": config.to_dict() if config else {}}
+    base, _, wall = _run(DP_CLIENT, args, "dp-client-nodp", {"dp.mode": "none", **(QUICK_CLIENT if args.quick else {})})
+    baseline = {"accuracy": base.final["test_accuracy"], "wall_s": round(wall, 1)}
+    return {"points": points, "no_dp": baseline, "config": config.to_dict() if config else {}}
 
 
 def _client_data(args: argparse.Namespace, n: int):
