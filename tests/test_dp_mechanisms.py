@@ -125,3 +125,16 @@ def test_adaptive_clip_moves_toward_the_target_quantile():
         clip.observe_replies(replies, ServerContext(r, [], [], 50, client_generator(0, r, -1, "server")))
     assert 4.0 < clip.clip < 6.5
     assert clip.clip_of_round(1) == 1.0 and math.isclose(clip.state_dict()["clip"], clip.clip)
+
+
+def test_poisson_client_sampling_for_client_level_accounting():
+    from fedguard.algorithms.sampling import ClientSampler
+
+    sampler = ClientSampler(1000, 50, poisson=True, seed=3)
+    counts = [len(sampler.sample(r)) for r in range(1, 201)]
+    assert sampler.sampling_rate == 0.05
+    assert sum(counts) / len(counts) == pytest.approx(50, rel=0.05)
+    assert len(set(counts)) > 5  # the cohort size varies, as Poisson sampling does
+    assert sampler.sample(7) == sampler.sample(7) == sorted(sampler.sample(7))
+    fixed = ClientSampler(1000, 50, seed=3)
+    assert all(len(fixed.sample(r)) == 50 for r in range(1, 5)) and fixed.sampling_rate == 0.05
