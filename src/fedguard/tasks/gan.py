@@ -70,20 +70,31 @@ def generator_loss(fake: torch.Tensor, kind: str) -> torch.Tensor:
 
 class GAN(nn.Module):
     """MLP generator ``latent -> h -> 2h -> d`` (sigmoid) and discriminator ``d -> 2h -> h -> 1``,
-    LeakyReLU(0.2), no normalisation layers (nothing but parameters to aggregate)."""
+    LeakyReLU(0.2). The generator normalises its hidden layers with ``g_norm``: ``batch``
+    (BatchNorm on the statistics of the batch being generated, never running averages, so the
+    model holds parameters only), ``layer`` or ``none``; the discriminator may use dropout."""
 
-    def __init__(self, shape: tuple[int, ...], latent: int = 64, hidden: int = 256) -> None:
+    def __init__(self, shape: tuple[int, ...], latent: int = 64, hidden: int = 256, g_norm: str = "batch",
+                 d_dropout: float = 0.0) -> None:
         super().__init__()
         self.shape, self.latent = tuple(shape), latent
         d = math.prod(shape)
-        act = nn.LeakyReLU(0.2)
+
+        def g_block(i: int, o: int) -> list[nn.Module]:
+            norms = {"layer": [nn.LayerNorm(o)], "batch": [nn.BatchNorm1d(o, track_running_stats=False)], "none": []}
+            norm: list[nn.Module] = norms[g_norm]
+            return [nn.Linear(i, o), *norm, nn.LeakyReLU(0.2)]
+
+        def d_block(i: int, o: int) -> list[nn.Module]:
+            drop: list[nn.Module] = [nn.Dropout(d_dropout)] if d_dropout > 0 else []
+            return [nn.Linear(i, o), nn.LeakyReLU(0.2), *drop]
+
         self.generator = nn.Sequential(
-            nn.Linear(latent, hidden), act, nn.Linear(hidden, 2 * hidden), act, nn.Linear(2 * hidden, d), nn.Sigmoid(),
+            *g_block(latent, hidden), *g_block(hidden, 2 * hidden), nn.Linear(2 * hidden, d), nn.Sigmoid(),
             nn.Unflatten(1, self.shape),
         )
         self.discriminator = nn.Sequential(
-            nn.Flatten(), nn.Linear(d, 2 * hidden), act, nn.Linear(2 * hidden, hidden), act, nn.Linear(hidden, 1),
-            nn.Flatten(0),
+            nn.Flatten(), *d_block(d, 2 * hidden), *d_block(2 * hidden, hidden), nn.Linear(hidden, 1), nn.Flatten(0),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -99,18 +110,20 @@ class GANTask(Task):
     higher_is_better = False
 
     def __init__(self, shape: tuple[int, ...], scorer: FrechetScorer, latent: int = 64, hidden: int = 256,
-                 loss: str = "nonsaturating", d_steps: int = 1, lr: float = 2e-4, beta1: float = 0.5,
+                 g_norm: str = "batch", d_dropout: float = 0.0, loss: str = "nonsaturating", d_steps: int = 1,
+                 lr: float = 2e-4, beta1: float = 0.5,
                  eval_samples: int = 2000, final_samples: int = 10000, feature_name: str = "classifier") -> None:
         if loss not in GAN_LOSSES:
             raise ValueError(f"GAN loss must be one of {GAN_LOSSES}, got {loss!r}")
         self.shape, self.scorer, self.latent, self.hidden = tuple(shape), scorer, latent, hidden
+        self.g_norm, self.d_dropout = g_norm, d_dropout
         self.kind, self.d_steps, self.lr, self.beta1 = loss, d_steps, lr, beta1
         self.eval_samples, self.final_samples, self.feature_name = eval_samples, final_samples, feature_name
         self._ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.progress: dict[int, torch.Tensor] = {}
 
     def build_model(self) -> nn.Module:
-        return GAN(self.shape, self.latent, self.hidden)
+        return GAN(self.shape, self.latent, self.hidden, self.g_norm, self.d_dropout)
 
     # -- losses -----------------------------------------------------------------------------------
     def generate(self, model: nn.Module, params: Params, z: torch.Tensor) -> torch.Tensor:
@@ -207,7 +220,8 @@ class GANTask(Task):
         return figs
 
     def describe(self) -> dict[str, Any]:
-        return {"task": self.name, "latent": self.latent, "hidden": self.hidden, "loss": self.kind,
+        return {"task": self.name, "latent": self.latent, "hidden": self.hidden, "g_norm": self.g_norm,
+                "d_dropout": self.d_dropout, "loss": self.kind,
                 "d_steps": self.d_steps, "fd_features": self.feature_name}
 
 

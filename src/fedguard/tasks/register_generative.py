@@ -91,6 +91,9 @@ class GANConfig:
 
     latent: int = option(64, "Generator noise dimensions.", min=1)
     hidden: int = option(256, "Width h of the MLPs (G: latent-h-2h-image, D: image-2h-h-1).", min=1)
+    g_norm: str = option("batch", "Generator hidden-layer normalisation (batch: statistics of the generated batch, "
+                         "no running averages).", choices=["batch", "layer", "none"])
+    d_dropout: float = option(0.0, "Dropout after each discriminator hidden layer.", min=0.0, max=0.9)
     loss: str = option("nonsaturating", "GAN loss.", choices=["nonsaturating", "hinge", "lsgan"])
     d_steps: int = option(1, "Discriminator steps per generator step.", min=1)
     lr: float = option(2e-4, "Adam learning rate of both networks.", min=0.0)
@@ -107,8 +110,9 @@ def build_gan(config: Config, train: ArrayDataset) -> Task:
 
     c = config.gan
     net, _ = feature_classifier(train, ClassifierSettings(epochs=c.fd_epochs))
-    return GANTask(tuple(train.x.shape[1:]), FrechetScorer(net), c.latent, c.hidden, c.loss, c.d_steps, c.lr,
-                   c.beta1, c.eval_samples, c.final_samples, f"{config.data.dataset}-classifier")
+    return GANTask(tuple(train.x.shape[1:]), FrechetScorer(net), c.latent, c.hidden, c.g_norm, c.d_dropout,
+                   c.loss, c.d_steps, c.lr, c.beta1, c.eval_samples, c.final_samples,
+                   f"{config.data.dataset}-classifier")
 
 
 register_section("gan", GANConfig)
