@@ -120,3 +120,12 @@ def test_distributed_dpsgd_with_secure_aggregation_runs(tmp_path):
                  "dp.sample_rate=0.1", "secure.mode=secagg", "dp.noise_multiplier=1.5")
     assert [r["completed_clients"] for r in result.rows] == [4, 4]
     assert result.rows[-1]["dp_steps"] == 2 and result.rows[-1]["dp_noise_multiplier"] == 1.5
+
+
+def test_round_discarded_by_min_clients_still_charges_the_ledger(tmp_path):
+    # 4 clients reply but min_clients is 5: the model stays, yet the noised updates were sent
+    result = run(tmp_path, "dp.mode=sample", "dp.noise_multiplier=1.0", "server.min_clients=5")
+    assert all(row["aborted"] for row in result.rows)
+    eps = [row["epsilon"] for row in result.rows]
+    assert 0 < eps[0] < eps[1]
+    assert result.rows[1]["dp_steps"] == 2 * result.rows[0]["dp_steps"] > 0

@@ -18,7 +18,7 @@ from torch import nn
 from fedguard.algorithms.sampling import ClientSampler
 from fedguard.data.arrays import ArrayDataset
 from fedguard.messages import Message
-from fedguard.pipeline.base import ServerContext, UpdatePipeline
+from fedguard.pipeline.base import AggregateResult, ServerContext, UpdatePipeline
 from fedguard.runtime.base import Communicator, client_generator
 from fedguard.tasks.base import Task
 from fedguard.types import Params
@@ -82,6 +82,13 @@ class Server:
         self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.round = 0
 
+    def _released(self, result: AggregateResult) -> bool:
+        """Whether anything computed from client data reached the server this round."""
+        if result.delta is not None:
+            return True
+        hidden = any(step.hides_individual_updates for step in self.pipeline.client_steps)
+        return bool(result.replies) and not hidden
+
     def broadcast(self, round: int, clients: list[int]) -> dict[int, Message]:
         """The fit instruction for each sampled client."""
         meta: dict[str, Any] = {}
@@ -117,6 +124,9 @@ class Server:
             self.pipeline.ledger.record_round(ctx, result.replies)
         else:
             self.log(f"round {round} aborted, global model unchanged: {aborted}")
+            if self._released(result):
+                # the updates (or their sum) reached the server even though it discards them
+                self.pipeline.ledger.record_round(ctx, result.replies)
         self.round = round
         sent1, recv1 = self.comm.traffic.snapshot()
         record = RoundRecord(
