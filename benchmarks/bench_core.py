@@ -164,6 +164,10 @@ def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, 
 
     from fedguard import Config, Experiment
 
+    bare_threads = int(extra.pop(BARE_THREADS, 0))
+    if bare_threads:
+        torch.set_num_threads(bare_threads)
+
     with PeakMemory() as mem:
         exp = Experiment(Config.load(None, overrides(name, data_dir, extra)))
         setup = exp.assemble()
@@ -183,7 +187,13 @@ def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, 
     }
 
 
+BARE_THREADS = "bare.threads"  # not a config key: the bare loop's torch threads (0: all cores)
+ONE_THREAD = {"run.workers": "1", "run.threads": 1, BARE_THREADS: 1}
+
+
 def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, object]) -> dict[str, object]:
+    if side == "engine":
+        extra = {k: v for k, v in extra.items() if k != BARE_THREADS}
     extra = {**extra, **dict(item.split("=", 1) for item in getattr(args, "set", None) or [])}
     cmd = [sys.executable, str(Path(__file__)), "--inner", side, name, args.data_dir, args.out, json.dumps(extra)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -192,9 +202,17 @@ def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, obje
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def speed_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]:
-    """Engine and bare loop on the same workload, alternated, each in its own process."""
+def speed_benchmark(name: str, args: argparse.Namespace, one_thread: bool = False) -> dict[str, object]:
+    """Engine and bare loop on the same workload, alternated, each in its own process.
+
+    By default each side uses the whole machine the way it would in practice: the engine runs
+    one client per core at one thread each, the bare loop runs clients one after another with
+    torch's threads on all cores. ``one_thread`` pins both to one thread (engine in-process,
+    ``run.workers=1``), which isolates the engine's own overhead from the parallel speed-up.
+    """
     extra: dict[str, object] = {"run.rounds": 3 if name == "w1" else 1} if args.quick else {}
+    if one_thread:
+        extra.update(ONE_THREAD)
     if args.quick and name == "w1":
         extra["data.num_clients"] = 1000
     repeats = 1 if (args.quick or name == "w2") else 2
@@ -205,7 +223,7 @@ def speed_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]:
     eng_med = statistics.median([m for e in engines for m in e["round_s"]])
     bare_med = statistics.median([m for b in bares for m in b["round_s"]])
     return {
-        "name": name,
+        "name": f"{name}-1thread" if one_thread else name,
         "median_round_s": round(eng_med, 4),
         "first_round_s": round(statistics.median(e["first_round_s"] for e in engines), 4),
         "total_wall_s": round(statistics.median(e["total_wall_s"] for e in engines), 2),
@@ -245,11 +263,15 @@ def accuracy_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]
 BENCHMARKS = {
     "w1": lambda args: speed_benchmark("w1", args),
     "w2": lambda args: speed_benchmark("w2", args),
+    "w1-1thread": lambda args: speed_benchmark("w1", args, one_thread=True),
+    "w2-1thread": lambda args: speed_benchmark("w2", args, one_thread=True),
     "mnist-iid": lambda args: accuracy_benchmark("mnist-iid", args),
     "mnist-dirichlet": lambda args: accuracy_benchmark("mnist-dirichlet", args),
 }
 BENCHMARKS["w1"].__doc__ = "W1 cross-device speed: engine vs bare loop (CNN-S, 1,000 clients, 50/round)"
 BENCHMARKS["w2"].__doc__ = "W2 cross-silo speed: engine vs bare loop (CNN-M, 10 clients)"
+BENCHMARKS["w1-1thread"].__doc__ = "W1 at one thread on both sides (engine in-process): the engine's own overhead"
+BENCHMARKS["w2-1thread"].__doc__ = "W2 at one thread on both sides (engine in-process): the engine's own overhead"
 BENCHMARKS["mnist-iid"].__doc__ = "CNN-M, 10 IID clients: accuracy within 5 rounds (target 99.0%)"
 BENCHMARKS[
     "mnist-dirichlet"
