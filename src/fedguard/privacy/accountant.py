@@ -22,17 +22,32 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import dp_accounting
-from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant, rdp_privacy_accountant
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting (with scipy) takes about a second to import, so it is imported on first use:
+# runs without DP, and network clients, do not pay for it at start-up.
 
 ACCOUNTANTS = ("pld", "rdp")
 
-#: the integer orders among the library's default RDP orders: a quick bound, never below the
-#: library's default RDP figure (a subset of its orders), used to rank and skip parties cheaply
-INTEGER_ORDERS = tuple(o for o in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if float(o).is_integer())
+
+def _lib() -> ModuleType:
+    """The dp_accounting module, imported on first use."""
+    import dp_accounting
+
+    return dp_accounting
+
+
+@lru_cache(maxsize=1)
+def integer_orders() -> tuple[float, ...]:
+    """The integer orders among the library's default RDP orders: a quick bound, never below the
+    library's default RDP figure (a subset of its orders), used to rank and skip parties cheaply."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return tuple(o for o in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if float(o).is_integer())
 
 
 @dataclass(frozen=True, order=True)
@@ -47,12 +62,13 @@ class GaussianStep:
 
     def event(self) -> dp_accounting.DpEvent:
         """The ``dp_accounting`` event of one such release."""
+        lib = _lib()
         if self.noise_multiplier <= 0:
-            return dp_accounting.NonPrivateDpEvent()
-        gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
+            return lib.NonPrivateDpEvent()
+        gaussian = lib.GaussianDpEvent(self.noise_multiplier)
         if self.sampling_rate >= 1.0:
             return gaussian
-        return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, gaussian)
+        return lib.PoissonSampledDpEvent(self.sampling_rate, gaussian)
 
 
 #: a party's spending: (step, count) pairs, merged and sorted so that equal histories hash equal
@@ -72,19 +88,23 @@ def history_of(steps: Iterable[tuple[GaussianStep, int]]) -> History:
 
 def history_event(history: History) -> dp_accounting.DpEvent:
     """The composed ``dp_accounting`` event of a history."""
-    return dp_accounting.ComposedDpEvent(
-        [dp_accounting.SelfComposedDpEvent(step.event(), count) for step, count in history]
+    lib = _lib()
+    return lib.ComposedDpEvent(
+        [lib.SelfComposedDpEvent(step.event(), count) for step, count in history]
     )
 
 
 def new_accountant(kind: str) -> dp_accounting.PrivacyAccountant:
     """A fresh accountant of the library: ``pld``, ``rdp``, or ``rdp-int`` (integer orders: quick bound)."""
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     if kind == "pld":
         return PLDAccountant()
     if kind == "rdp":
         return RdpAccountant()
     if kind == "rdp-int":
-        return RdpAccountant(list(INTEGER_ORDERS))
+        return RdpAccountant(list(integer_orders()))
     raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {kind!r}")
 
 
@@ -136,6 +156,8 @@ def calibrate_noise(
         upper, lower = lower, lower / 2.0
         if lower < 1e-3:
             raise ValueError(f"epsilon {target_epsilon} is met with almost no noise; check the plan")
+    from dp_accounting.mechanism_calibration import ExplicitBracketInterval, calibrate_dp_mechanism
+
     with _quiet_absl():
         value = calibrate_dp_mechanism(
             lambda: new_accountant(kind),
