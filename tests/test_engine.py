@@ -179,5 +179,10 @@ def test_per_client_test_split_gives_federated_evaluation(tmp_path):
     result = run(tmp_path, "data.client_test_fraction=0.25", "run.rounds=2")
     last = result.rows[-1]
     assert 0.0 <= last["clients_test_accuracy"] <= 1.0 and last["clients_test_loss"] > 0
+    # evaluation sends the model to every sampled client again: counted apart from training
+    assert last["eval_bytes_sent"] >= last["sampled_clients"] * sum(
+        v.numel() * 4 for v in result.params.values()
+    )
+    assert 0 < last["eval_bytes_received"] < last["eval_bytes_sent"]
     sizes = json.loads((result.run_dir / "partition.json").read_text())["sizes"]
     assert sum(sizes) == pytest.approx(1200 * 0.75, abs=6)

@@ -151,7 +151,10 @@ class Server:
             record.eval_s = time.perf_counter() - t0
         if evaluate and self.federated_eval:
             t0 = time.perf_counter()
+            sent0, recv0 = self.comm.traffic.snapshot()
             record.metrics.update({f"clients_test_{k}": v for k, v in self.evaluate_on_clients(round, sampled).items()})
+            sent1, recv1 = self.comm.traffic.snapshot()
+            record.metrics.update({"eval_bytes_sent": sent1 - sent0, "eval_bytes_received": recv1 - recv0})
             record.eval_s += time.perf_counter() - t0
         return record
 
