@@ -236,6 +236,8 @@ def speed_benchmark(name: str, args: argparse.Namespace, one_thread: bool = Fals
         "accuracy": engines[0]["accuracy"],
         "bare_accuracy": bares[0]["accuracy"],
         "repeats": repeats,
+        "round_s": [e["round_s"] for e in engines],
+        "bare_round_s": [[round(x, 4) for x in b["round_s"]] for b in bares],
         "config": engines[0]["config"],
     }
 
