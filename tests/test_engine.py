@@ -110,13 +110,16 @@ def test_users_own_module_loss_and_dataset(tmp_path):
 
 
 def test_centralized_baseline_is_reported_side_by_side(tmp_path):
-    result = run(tmp_path, "run.baseline=centralized", "run.report=true", "run.rounds=2")
+    result = run(tmp_path, "run.baseline=centralized", "run.report=true", "run.rounds=2",
+                 "server.optimizer=fedavgm", "server.lr=0.5")
     assert result.baseline is not None
     comparison = json.loads((result.run_dir / "comparison.json").read_text())
     assert set(comparison) == {"federated", "centralized"}
     assert "Federated vs centralized" in (result.run_dir / "report.md").read_text()
     cfg = Config.load(result.baseline.run_dir / "config.toml")
     assert cfg.data.num_clients == 1 and cfg.run.rounds == 2
+    # plain training on all the data: no server optimiser, the lone client uses every core
+    assert cfg.server.optimizer == "fedavg" and cfg.server.lr == 1.0 and cfg.run.client_threads == 0
 
 
 def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):

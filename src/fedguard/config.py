@@ -39,6 +39,9 @@ class RunConfig:
     out_dir: str = option("runs", "Folder under which each run writes its own folder.")
     workers: str = option("auto", "Client worker processes: 'auto' (one per core) or a number; 1 runs clients in-process.")
     threads: int = option(0, "Torch threads of the server process (0: all cores).", min=0)
+    client_threads: int = option(
+        1, "Torch threads each simulated client computes with (0: the cores shared among the workers).", min=0
+    )
     progress: bool = option(True, "Show the live progress bar.")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every k rounds (0: never).", min=0)
     report: bool = option(True, "Write report.md with plots at the end of the run.")
@@ -80,6 +83,10 @@ class TrainConfig:
     weight_decay: float = option(0.0, "Local L2 weight decay.", min=0.0)
     prox_mu: float = option(0.0, "FedProx proximal term mu (0: FedAvg).", min=0.0)
     max_steps: int = option(0, "Cap on local steps per round (0: no cap).", min=0)
+    lr_schedule: str = option(
+        "constant", "Local learning rate over rounds: constant, or cosine (from lr in round 1 towards 0 at the end); "
+        "applies to every local optimiser (SGD, the generative tasks' Adam).", choices=["constant", "cosine"]
+    )
 
 
 @dataclass

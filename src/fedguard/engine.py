@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedguard.algorithms.lr_schedule import FitConfig
 from fedguard.algorithms.sampling import ClientSampler
 from fedguard.data.arrays import ArrayDataset
 from fedguard.messages import Message
@@ -73,12 +74,14 @@ class Server:
         min_clients: int = 1,
         log: Callable[[str], None] = print,
         federated_eval: bool = False,
+        fit_config: FitConfig | None = None,
     ) -> None:
         pipeline.validate()
         self.task, self.model, self.pipeline = task, model, pipeline
         self.sampler, self.comm, self.test_data = sampler, comm, test_data
         self.seed, self.min_clients, self.log = seed, min_clients, log
         self.federated_eval = federated_eval
+        self.fit_config = fit_config
         self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.round = 0
 
@@ -91,7 +94,7 @@ class Server:
 
     def broadcast(self, round: int, clients: list[int]) -> dict[int, Message]:
         """The fit instruction for each sampled client."""
-        meta: dict[str, Any] = {}
+        meta: dict[str, Any] = dict(self.fit_config(round)) if self.fit_config else {}
         for step in self.pipeline.client_steps:
             step.configure(round, meta)
         return {cid: Message("fit", round, cid, dict(meta), self.params) for cid in clients}

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedguard import builders, plugins  # noqa: F401  (plugins registers families)
+from fedguard.algorithms.lr_schedule import schedule_fit_config
 from fedguard.algorithms.sampling import ClientSampler, parse_schedule
 from fedguard.checkpoint import load_state, save_state
 from fedguard.config import Config
@@ -80,6 +81,9 @@ CENTRALIZED_OVERRIDES: dict[str, Any] = {
     "faults.leave": [],
     "run.baseline": "none",
     "run.workers": "1",
+    "run.client_threads": 0,
+    "server.optimizer": "fedavg",
+    "server.lr": 1.0,
 }
 
 
@@ -300,6 +304,7 @@ class Experiment:
             cfg.server.min_clients,
             self.log,
             federated_eval=bool(setup.local_test),
+            fit_config=schedule_fit_config(cfg.train.lr_schedule, cfg.run.rounds),
         )
         first_round = 1
         if resume:
@@ -326,10 +331,11 @@ class Experiment:
             return setup.make_client(cid, store)
 
         faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
+        threads = cfg.run.client_threads or max(1, (os.cpu_count() or 1) // n_workers)
         comm: Communicator = (
-            WorkerPoolCommunicator(make_client, n_workers, faults, cost=lambda c: len(setup.parts[c]))
+            WorkerPoolCommunicator(make_client, n_workers, faults, lambda c: len(setup.parts[c]), threads)
             if n_workers > 1
-            else SerialCommunicator(make_client, faults)
+            else SerialCommunicator(make_client, faults, threads)
         )
         return comm, state_dir
 

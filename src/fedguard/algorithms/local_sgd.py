@@ -9,7 +9,7 @@ FedProx is the proximal term ``mu/2 ||w - w_global||^2``, applied through its gr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -78,6 +78,12 @@ class LocalSGD:
     steps_limit: int | None = None
     sampler: BatchSampler = field(default_factory=ShuffledEpochs)
     gradient: GradientEstimator = mean_loss_gradient
+    #: this round's factor on the learning rate (the server's schedule); ``lr`` stays the base
+    lr_scale: float = 1.0
+
+    def scaled(self, lr_scale: float) -> LocalSGD:
+        """This optimiser with the round's learning-rate factor (the base ``lr`` unchanged)."""
+        return replace(self, lr_scale=lr_scale)
 
     def train(
         self,
@@ -112,7 +118,7 @@ class LocalSGD:
                         torch._foreach_mul_(velocity, self.momentum)
                         torch._foreach_add_(velocity, grads)
                     grads = velocity
-                torch._foreach_add_(tensors, grads, alpha=-self.lr)
+                torch._foreach_add_(tensors, grads, alpha=-self.lr * self.lr_scale)
         trained = {k: v.detach() for k, v in current.items()}
         mean = sum(losses) / len(losses) if losses else float("nan")
         return trained, {"train_loss": mean, "steps": float(len(losses))}

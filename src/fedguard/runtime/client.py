@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedguard.algorithms.lr_schedule import read_lr_scale
 from fedguard.data.arrays import ArrayDataset
 from fedguard.messages import Message
 from fedguard.pipeline.base import ClientContext, UpdatePipeline
@@ -76,7 +77,14 @@ class ClientApp:
 
     def _fit(self, msg: Message, ctx: ClientContext) -> Message:
         global_params = {k: v.float() for k, v in msg.tensors.items()}
-        trained, metrics = self.task.local_train(self.model, global_params, self.data, self.trainer, ctx.generator)
+        trainer = self.trainer
+        scale = read_lr_scale(ctx.instructions)
+        if scale != 1.0:
+            if not hasattr(trainer, "scaled"):
+                raise ValueError(f"train.lr_schedule: the trainer {type(trainer).__name__} has no scaled(lr_scale); "
+                                 "give it one or use lr_schedule = 'constant'")
+            trainer = trainer.scaled(scale)
+        trained, metrics = self.task.local_train(self.model, global_params, self.data, trainer, ctx.generator)
         with torch.no_grad():
             update = {k: trained[k] - global_params[k] for k in global_params}
         for step in self.pipeline.client_steps:

@@ -33,6 +33,7 @@ from fedguard.tasks.base import Batch, Task
 from fedguard.tasks.frechet import FrechetScorer, frechet_distance
 from fedguard.tasks.generative_common import (
     Adam,
+    lr_scale_of,
     save_image_grid,
     save_image_rows,
     seed_from,
@@ -155,8 +156,9 @@ class GANTask(Task):
         current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         d_keys = [k for k in current if k.startswith("discriminator.")]
         g_keys = [k for k in current if k.startswith("generator.")]
-        opt_d = Adam([current[k] for k in d_keys], self.lr, (self.beta1, 0.999))
-        opt_g = Adam([current[k] for k in g_keys], self.lr, (self.beta1, 0.999))
+        lr = self.lr * lr_scale_of(trainer)
+        opt_d = Adam([current[k] for k in d_keys], lr, (self.beta1, 0.999))
+        opt_g = Adam([current[k] for k in g_keys], lr, (self.beta1, 0.999))
         limit = getattr(trainer, "steps_limit", None)
         d_losses, g_losses = [], []
         with seeded_global_rng(seed_from(generator)):

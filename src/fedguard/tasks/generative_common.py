@@ -144,8 +144,13 @@ def local_update(
     """The configured local update (Adam or the engine's SGD), with seeded loss randomness."""
     with seeded_global_rng(seed_from(generator)):
         if optimizer == "adam":
-            return adam_local_train(task, model, params, data, trainer, generator, lr)
+            return adam_local_train(task, model, params, data, trainer, generator, lr * lr_scale_of(trainer))
         return trainer.train(task, model, params, data, generator)
+
+
+def lr_scale_of(trainer: Any) -> float:
+    """The round's learning-rate factor the engine's trainer carries (1 without a schedule)."""
+    return float(getattr(trainer, "lr_scale", 1.0))
 
 
 def sub_params(params: Params, prefix: str) -> Params:
