@@ -76,6 +76,25 @@ def test_linear_probe_separates_separable_data():
     assert linear_probe(x[:150], y[:150], x[150:], y[150:], iters=50)["test_acc"] == 1.0
 
 
+def test_probe_penalty_is_chosen_on_held_out_training_data_only():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(300, 8, generator=g) + 2.0 * torch.nn.functional.one_hot(y, 8)
+    # a penalty so strong that the weights stay near zero must lose to a sensible one
+    grid = (1e-4, 1e3)
+    chosen = linear_probe(x[:200], y[:200], x[200:], y[200:], iters=100, l2_grid=grid)
+    assert chosen["l2"] == 1e-4 and chosen["val_acc"] > 0.8 and chosen["test_acc"] > 0.8
+    # the test labels play no part in the choice
+    scrambled = linear_probe(x[:200], y[:200], x[200:], (y[200:] + 1) % 3, iters=100, l2_grid=grid)
+    assert scrambled["l2"] == chosen["l2"] and scrambled["val_acc"] == chosen["val_acc"]
+
+
+def test_linear_probe_refuses_fewer_than_two_examples():
+    x, y = torch.rand(1, 4), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="mae.probe_examples"):
+        linear_probe(x, y, x, y)
+
+
 def test_short_federated_run_lowers_masked_mse_and_reports_probe(tmp_path):
     result = Experiment(overrides=TINY).run(run_dir=tmp_path / "mae")
     rows = result.rows

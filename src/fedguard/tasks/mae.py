@@ -148,32 +148,74 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
 
 
 def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-                 l2: float = 1e-4, iters: int = 300) -> dict[str, float]:
-    """Multinomial logistic regression on standardised features (full-batch L-BFGS from zero).
+                 l2: float = 1e-4, iters: int = 300, l2_grid: tuple[float, ...] = (),
+                 val_fraction: float = 0.1) -> dict[str, float]:
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS).
 
-    Returns train and test accuracy. Deterministic: no randomness anywhere.
+    With ``l2_grid``, the L2 penalty is chosen the usual way for linear probes: fitted on a
+    held-out-free part of the training set for each penalty (largest first, each fit starting
+    from the previous one's solution), the best accuracy on the held-out ``val_fraction``
+    (a fixed seeded split) wins, and the probe is refitted on all training examples with it.
+    The test set is never looked at before the final fit. Returns train and test accuracy and
+    the penalty used (and the validation accuracy when one was chosen). Deterministic.
     """
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    a, b = (train_x - mean) / std, (test_x - mean) / std
+    if len(train_x) < 2:
+        raise ValueError(f"the linear probe needs at least 2 labelled training examples, got {len(train_x)}; "
+                         "raise mae.probe_examples (0 uses the whole training set)")
     classes = int(max(train_y.max(), test_y.max())) + 1
+    out: dict[str, float] = {}
+    init = None
+    if l2_grid:
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0))
+        n_val = max(1, int(len(train_x) * val_fraction))
+        fit_idx, val_idx = order[n_val:], order[:n_val]
+        a, v = _standardise(train_x[fit_idx], train_x[val_idx])
+        scores = []
+        for penalty in sorted(l2_grid, reverse=True):
+            init = _fit_logistic(a, train_y[fit_idx], classes, penalty, iters, init)
+            scores.append((_accuracy(init, v, train_y[val_idx]), penalty, init))
+        best = max(scores, key=lambda t: (t[0], t[1]))  # ties: the stronger penalty
+        out["val_acc"], l2, init = best
+    a, b = _standardise(train_x, test_x)
+    lin = _fit_logistic(a, train_y, classes, l2, iters, init)
+    out.update({"train_acc": _accuracy(lin, a, train_y), "test_acc": _accuracy(lin, b, test_y), "l2": l2})
+    return out
+
+
+def _standardise(fit_x: torch.Tensor, other_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sets standardised with the mean and std of ``fit_x``."""
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    return (fit_x - mean) / std, (other_x - mean) / std
+
+
+def _fit_logistic(a: torch.Tensor, y: torch.Tensor, classes: int, l2: float, iters: int,
+                  init: nn.Linear | None = None) -> nn.Linear:
+    """Cross-entropy + ``l2 * ||W||^2`` minimised by L-BFGS from zero (or from ``init``)."""
     lin = nn.Linear(a.shape[1], classes)
-    nn.init.zeros_(lin.weight)
-    nn.init.zeros_(lin.bias)
+    with torch.no_grad():
+        if init is None:
+            lin.weight.zero_()
+            lin.bias.zero_()
+        else:
+            lin.weight.copy_(init.weight)
+            lin.bias.copy_(init.bias)
     opt = torch.optim.LBFGS(lin.parameters(), lr=1.0, max_iter=iters, history_size=20,
                             line_search_fn="strong_wolfe", tolerance_grad=1e-9, tolerance_change=1e-12)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(lin(a), train_y) + l2 * lin.weight.pow(2).sum()
+        loss = F.cross_entropy(lin(a), y) + l2 * lin.weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         opt.step(closure)
-    with torch.no_grad():
-        train_acc = float((lin(a).argmax(1) == train_y).float().mean())
-        test_acc = float((lin(b).argmax(1) == test_y).float().mean())
-    return {"train_acc": train_acc, "test_acc": test_acc}
+    return lin
+
+
+@torch.no_grad()
+def _accuracy(lin: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((lin(x).argmax(1) == y).float().mean())
 
 
 class MAETask(Task):
@@ -186,7 +228,8 @@ class MAETask(Task):
     def __init__(self, shape: tuple[int, ...], patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4,
                  decoder_dim: int = 32, decoder_depth: int = 1, mask_ratio: float = 0.75, pool: str = "tokens",
                  extra_pools: tuple[str, ...] = (), probe_examples: int = 0, probe_iters: int = 300,
-                 probe_l2: float = 1e-4, eval_examples: int = 2000, optimizer: str = "adam", lr: float = 1e-3) -> None:
+                 probe_l2: float = 1e-4, eval_examples: int = 2000, optimizer: str = "adam", lr: float = 1e-3,
+                 probe_l2_grid: tuple[float, ...] = ()) -> None:
         for p in (pool, *extra_pools):
             if p not in POOLS:
                 raise ValueError(f"pool must be one of {POOLS}, got {p!r}")
@@ -194,6 +237,7 @@ class MAETask(Task):
         self.shape, self.patch, self.dim, self.depth, self.heads = tuple(shape), patch, dim, depth, heads
         self.decoder_dim, self.decoder_depth, self.mask_ratio, self.pool = decoder_dim, decoder_depth, mask_ratio, pool
         self.probe_examples, self.probe_iters, self.probe_l2 = probe_examples, probe_iters, probe_l2
+        self.probe_l2_grid = tuple(probe_l2_grid)
         self.eval_examples, self.optimizer, self.lr = eval_examples, optimizer, lr
         self.num_patches = (shape[1] // patch) * (shape[2] // patch)
         self.keep = max(1, int(round(self.num_patches * (1 - mask_ratio))))
@@ -258,19 +302,22 @@ class MAETask(Task):
         train_f, test_f = self.features(model, params, train.x, pools), self.features(model, params, test.x, pools)
         results = {}
         for p in pools:
-            results[p] = linear_probe(train_f.pop(p), train.y, test_f.pop(p), test.y, self.probe_l2, self.probe_iters)
+            results[p] = linear_probe(train_f.pop(p), train.y, test_f.pop(p), test.y, self.probe_l2, self.probe_iters,
+                                      self.probe_l2_grid)
         return results
 
     def final_metrics(self, model: nn.Module, params: Params, train: ArrayDataset,
                       test: ArrayDataset) -> dict[str, float]:
         probe_train = self.probe_split(train)
         results = self.probes(model, params, probe_train, test)
-        pix = pixel_probe(probe_train, test, self.probe_l2, self.probe_iters)
+        pix = pixel_probe(probe_train, test, self.probe_l2, self.probe_iters, self.probe_l2_grid)
         out = {
             "final_masked_mse": self.masked_mse_on(model, params, test),
             "probe_acc": results[self.pool]["test_acc"],
             "probe_train_acc": results[self.pool]["train_acc"],
             "pixel_probe_acc": pix["test_acc"],
+            "probe_l2": results[self.pool]["l2"],
+            "pixel_probe_l2": pix["l2"],
             "probe_examples": float(len(probe_train)),
         }
         out.update({f"probe_acc_{p}": r["test_acc"] for p, r in results.items() if p != self.pool})
@@ -296,6 +343,8 @@ class MAETask(Task):
                 "mask_ratio": self.mask_ratio, "pool": self.pool}
 
 
-def pixel_probe(train: ArrayDataset, test: ArrayDataset, l2: float = 1e-4, iters: int = 300) -> dict[str, float]:
-    """The linear probe on raw pixels: the reference an encoder's features must beat."""
-    return linear_probe(train.x.flatten(1), train.y, test.x.flatten(1), test.y, l2, iters)
+def pixel_probe(train: ArrayDataset, test: ArrayDataset, l2: float = 1e-4, iters: int = 300,
+                l2_grid: tuple[float, ...] = ()) -> dict[str, float]:
+    """The linear probe on raw pixels (the same protocol, its own penalty when chosen from a
+    grid): the reference an encoder's features must beat."""
+    return linear_probe(train.x.flatten(1), train.y, test.x.flatten(1), test.y, l2, iters, l2_grid)

@@ -65,7 +65,11 @@ class MAEConfig:
     extra_pools: list[str] = option([], "More pools to probe as well, reported as probe_acc_<pool>.")
     probe_examples: int = option(0, "Labelled training images the linear probe is fitted on (0: all).", min=0)
     probe_iters: int = option(300, "L-BFGS iterations of the linear probe.", min=1)
-    probe_l2: float = option(1e-4, "L2 penalty of the linear probe.", min=0.0)
+    probe_l2: float = option(1e-4, "L2 penalty of the linear probe (when probe_l2_grid is empty).", min=0.0)
+    probe_l2_grid: list[float] = option(
+        [], "L2 penalties to choose from on a held-out 10% of the probe's training images (each probe, the "
+        "raw-pixel one too, picks its own; empty: use probe_l2)."
+    )
     eval_examples: int = option(2000, "Test images per evaluation round (0: all); final metrics use all.", min=0)
     optimizer: str = option("adam", ADAM_HELP, choices=OPTIMIZERS)
     lr: float = option(1e-3, "Local Adam learning rate (optimizer=adam).", min=0.0)
@@ -78,7 +82,7 @@ def build_mae(config: Config, train: ArrayDataset) -> Task:
     c = config.mae
     return MAETask(tuple(train.x.shape[1:]), c.patch, c.dim, c.depth, c.heads, c.decoder_dim, c.decoder_depth,
                    c.mask_ratio, c.pool, tuple(c.extra_pools), c.probe_examples, c.probe_iters, c.probe_l2,
-                   c.eval_examples, c.optimizer, c.lr)
+                   c.eval_examples, c.optimizer, c.lr, tuple(float(v) for v in c.probe_l2_grid))
 
 
 register_section("mae", MAEConfig)
