@@ -46,17 +46,19 @@ VAE = {
 }
 MAE = {
     "task.name": "mae",
-    "run.rounds": 10,
-    "run.eval_every": 2,
-    "mae.patch": 4,
-    "mae.dim": 64,
+    "run.rounds": 25,
+    "run.eval_every": 5,
+    "run.threads": 0,
+    "mae.patch": 7,
+    "mae.dim": 128,
     "mae.depth": 4,
-    "mae.decoder_dim": 32,
+    "mae.decoder_dim": 64,
     "mae.decoder_depth": 1,
     "mae.pool": "tokens",
     "mae.extra_pools": "mean",
     "mae.eval_examples": 1000,
     "mae.lr": 1e-3,
+    "train.lr_schedule": "cosine",
 }
 GAN = {
     "task.name": "gan",
@@ -66,6 +68,7 @@ GAN = {
     "gan.latent": 64,
     "gan.eval_samples": 2000,
     "gan.final_samples": 10000,
+    "run.threads": 0,
 }
 QUICK = {"data.dataset": "mnist-5k", "run.rounds": 3, "run.eval_every": 1}
 
@@ -74,6 +77,7 @@ def _config(args: Any, task: dict[str, Any], name: str) -> Config:
     values = {**FEDERATED, **task, **(QUICK if args.quick else {}), "run.name": name, "run.out_dir": args.out}
     if not args.quick:
         values["data.data_dir"] = args.data_dir
+    values.update(item.split("=", 1) for item in getattr(args, "set", None) or [])
     return Config.load(None, [f"{k}={_text(v)}" for k, v in values.items()])
 
 
