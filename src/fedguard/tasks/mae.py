@@ -152,10 +152,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
                  val_fraction: float = 0.1) -> dict[str, float]:
     """Multinomial logistic regression on standardised features (full-batch L-BFGS).
 
-    With ``l2_grid``, the L2 penalty is chosen the usual way for linear probes: fitted on a
-    held-out-free part of the training set for each penalty (largest first, each fit starting
-    from the previous one's solution), the best accuracy on the held-out ``val_fraction``
-    (a fixed seeded split) wins, and the probe is refitted on all training examples with it.
+    With ``l2_grid``, the L2 penalty is chosen the usual way for linear probes: a fixed seeded
+    ``val_fraction`` of the training examples is held out, the probe is fitted on the rest for
+    each penalty (largest first, each fit starting from the previous one's solution), the best
+    held-out accuracy wins, and the probe is refitted on all training examples with it.
     The test set is never looked at before the final fit. Returns train and test accuracy and
     the penalty used (and the validation accuracy when one was chosen). Deterministic.
     """
