@@ -83,8 +83,8 @@ class Block(nn.Module):
 class MAE(nn.Module):
     """ViT-style masked autoencoder for small images (fixed-size learned position embeddings)."""
 
-    def __init__(self, shape: tuple[int, ...], patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4,
-                 decoder_dim: int = 32, decoder_depth: int = 1, decoder_heads: int = 4) -> None:
+    def __init__(self, shape: tuple[int, ...], patch: int = 7, dim: int = 128, depth: int = 4, heads: int = 4,
+                 decoder_dim: int = 64, decoder_depth: int = 1, decoder_heads: int = 4) -> None:
         super().__init__()
         c, h, w = shape
         if h % patch or w % patch:
@@ -225,8 +225,8 @@ class MAETask(Task):
     primary_metric = "masked_mse"
     higher_is_better = False
 
-    def __init__(self, shape: tuple[int, ...], patch: int = 4, dim: int = 64, depth: int = 4, heads: int = 4,
-                 decoder_dim: int = 32, decoder_depth: int = 1, mask_ratio: float = 0.75, pool: str = "tokens",
+    def __init__(self, shape: tuple[int, ...], patch: int = 7, dim: int = 128, depth: int = 4, heads: int = 4,
+                 decoder_dim: int = 64, decoder_depth: int = 1, mask_ratio: float = 0.75, pool: str = "tokens",
                  extra_pools: tuple[str, ...] = (), probe_examples: int = 0, probe_iters: int = 300,
                  probe_l2: float = 1e-4, eval_examples: int = 2000, optimizer: str = "adam", lr: float = 1e-3,
                  probe_l2_grid: tuple[float, ...] = ()) -> None:

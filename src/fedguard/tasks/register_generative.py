@@ -53,12 +53,12 @@ TASK_BUILDERS["vae"] = build_vae
 class MAEConfig:
     """[mae] the masked autoencoder task (task.name = "mae")."""
 
-    patch: int = option(4, "Patch side in pixels (must divide the image side).", min=1)
+    patch: int = option(7, "Patch side in pixels (must divide the image side).", min=1)
     mask_ratio: float = option(0.75, "Share of patches hidden from the encoder.", min=0.0, max=0.99)
-    dim: int = option(64, "Encoder width.", min=1)
+    dim: int = option(128, "Encoder width.", min=1)
     depth: int = option(4, "Encoder transformer blocks.", min=1)
     heads: int = option(4, "Attention heads (encoder and decoder).", min=1)
-    decoder_dim: int = option(32, "Decoder width.", min=1)
+    decoder_dim: int = option(64, "Decoder width.", min=1)
     decoder_depth: int = option(1, "Decoder transformer blocks.", min=1)
     pool: str = option("tokens", "Encoder features of the linear probe: all patch tokens concatenated (tokens), "
                        "their mean (mean) or their means per image quarter (grid).", choices=POOLS)
