@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 import tomli_w
 import tomllib
 
+from fedguard.algorithms.lr_schedule import SCHEDULES
 from fedguard.pipeline.base import ConfigurationError
 
 
@@ -85,7 +86,7 @@ class TrainConfig:
     max_steps: int = option(0, "Cap on local steps per round (0: no cap).", min=0)
     lr_schedule: str = option(
         "constant", "Local learning rate over rounds: constant, or cosine (from lr in round 1 towards 0 at the end); "
-        "applies to every local optimiser (SGD, the generative tasks' Adam).", choices=["constant", "cosine"]
+        "applies to every local optimiser (SGD, the generative tasks' Adam).", choices=SCHEDULES
     )
 
 
