@@ -1,6 +1,7 @@
 """End-to-end runs of the engine on the embedded MNIST subset (small and fast)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -120,6 +121,42 @@ def test_centralized_baseline_is_reported_side_by_side(tmp_path):
     assert cfg.data.num_clients == 1 and cfg.run.rounds == 2
     # plain training on all the data: no server optimiser, the lone client uses every core
     assert cfg.server.optimizer == "fedavg" and cfg.server.lr == 1.0 and cfg.run.client_threads == 0
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a concurrent baseline needs two cores")
+def test_concurrent_baseline_equals_the_sequential_one(tmp_path):
+    args = ("run.baseline=centralized", "run.rounds=2", "run.workers=1")
+    sequential = run(tmp_path, *args, name="sequential")
+    concurrent = run(tmp_path, *args, "run.baseline_concurrent=true", name="concurrent")
+    assert concurrent.baseline is not None and sequential.baseline is not None
+    # the federated run is the same whichever process layout trained it
+    assert all(torch.equal(sequential.params[k], concurrent.params[k]) for k in sequential.params)
+    base_seq, base_con = sequential.baseline, concurrent.baseline
+    assert base_con.run_dir == concurrent.run_dir / "centralized"
+    assert [r["round"] for r in base_con.rows] == [1, 2]
+    assert set(base_con.params) == set(base_seq.params)
+    # one thread instead of all cores may reorder float sums, nothing more
+    assert all(torch.allclose(base_seq.params[k], base_con.params[k], atol=1e-5) for k in base_seq.params)
+    assert base_con.final["test_accuracy"] == pytest.approx(base_seq.final["test_accuracy"], abs=0.01)
+    assert base_con.timings["total_s"] > 0
+    comparison = json.loads((concurrent.run_dir / "comparison.json").read_text())
+    assert set(comparison) == {"federated", "centralized"}
+
+
+def test_concurrent_baseline_failure_is_reported_and_keeps_the_federated_run(tmp_path, monkeypatch):
+    def broken(self, run_dir, cores=None, progress=True):
+        raise ValueError("baseline exploded")
+
+    monkeypatch.setattr(Experiment, "_run_centralized", broken)
+    with pytest.raises(RuntimeError, match="centralized baseline failed.*baseline exploded"):
+        run(tmp_path, "run.baseline=centralized", "run.baseline_concurrent=true", "run.rounds=1", name="broken")
+    assert (tmp_path / "broken" / "model.safetensors").exists()
+    assert (tmp_path / "broken" / "metrics.jsonl").read_text().strip()
+
+
+def test_concurrent_baseline_needs_the_baseline():
+    with pytest.raises(ConfigurationError, match="run.baseline = 'centralized'"):
+        Experiment(overrides=[*SMALL, "run.baseline_concurrent=true"]).run()
 
 
 def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):

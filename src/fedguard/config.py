@@ -47,6 +47,7 @@ class RunConfig:
     checkpoint_every: int = option(0, "Save a resumable checkpoint every k rounds (0: never).", min=0)
     report: bool = option(True, "Write report.md with plots at the end of the run.")
     baseline: str = option("none", "Also run the centralized baseline (one client, all data, same passes) and compare.", choices=["none", "centralized"])
+    baseline_concurrent: bool = option(False, "Run the centralized baseline at the same time as the federated run, in a forked process on one core (the federated run gets the other cores); needs fork and 2+ cores.")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -42,6 +42,7 @@ from fedguard.report.partition_plot import plot_label_heatmap
 from fedguard.report.progress import RunProgress, print_summary
 from fedguard.runtime.base import Communicator, FaultModel
 from fedguard.runtime.client import ClientApp
+from fedguard.runtime.forked_job import ForkedJob, fork_available
 from fedguard.runtime.simulation import (
     SerialCommunicator,
     WorkerPoolCommunicator,
@@ -173,6 +174,8 @@ class Experiment:
         self.partitions = partitions
         self._log_fn = log
         self._log_lines: list[str] = []
+        #: the cores this run may use (None: all); set when the baseline runs beside it
+        self._cores: int | None = None
 
     # -- assembly -------------------------------------------------------------------------
     def log(self, text: str) -> None:
@@ -227,7 +230,7 @@ class Experiment:
         """How many client worker processes to use."""
         value = self.config.run.workers
         if value == "auto":
-            return default_workers(per_round)
+            return default_workers(per_round, self._cores)
         try:
             count = int(value)
         except ValueError as exc:
@@ -265,23 +268,73 @@ class Experiment:
         """Run every round, write the run folder, return the result.
 
         With ``run.baseline = "centralized"`` the same configuration is then run with one
-        client holding all the data, and the report compares the two. ``communicator``
+        client holding all the data (after it, or beside it in a forked process with
+        ``run.baseline_concurrent``), and the report compares the two. ``communicator``
         builds the runtime from the assembled :class:`Setup` (the network server passes
         its own); by default clients run in the simulation.
         """
+        run_cfg = self.config.run
+        if run_cfg.baseline_concurrent and run_cfg.baseline != "centralized":
+            raise ConfigurationError("run.baseline_concurrent runs the centralized baseline beside the federated run; "
+                                     "set run.baseline = 'centralized' too, or drop run.baseline_concurrent")
+        if run_cfg.baseline == "centralized" and run_cfg.baseline_concurrent and self._can_run_concurrently():
+            return self._run_with_concurrent_baseline(run_dir, resume, communicator)
         result = self._run_federated(run_dir, resume, communicator)
-        if self.config.run.baseline == "centralized":
+        if run_cfg.baseline == "centralized":
             result.baseline = self._run_centralized(result.run_dir)
             write_comparison(result.run_dir, result.final, result.baseline.final)
         return result
+
+    def _can_run_concurrently(self) -> bool:
+        cores = os.cpu_count() or 1
+        if cores < 2 or not fork_available():
+            why = f"this machine has {cores} core" if cores < 2 else "this platform cannot fork"
+            self.log(f"run.baseline_concurrent: {why}; the centralized baseline runs after the federated run")
+            return False
+        return True
+
+    def _run_with_concurrent_baseline(
+        self, run_dir: str | Path | None, resume: str | Path | None, communicator: CommunicatorFactory | None
+    ) -> RunResult:
+        """The federated run on all cores but one while the centralized baseline trains on
+        the last one, in a forked process that leaves its results in ``RUN_DIR/centralized``."""
+        run_path = Path(resume) if resume else Path(run_dir or self._new_run_dir())
+        run_path.mkdir(parents=True, exist_ok=True)
+        self.train, self.test = self.load_data()  # loaded once, shared with the child by fork
+        base_dir = run_path / "centralized"
+        base_dir.mkdir(exist_ok=True)
+        job = ForkedJob(lambda: self._centralized_in_child(base_dir), base_dir / "error.txt", 1,
+                        "the centralized baseline")
+        self._cores = max(1, (os.cpu_count() or 2) - 1)
+        self.log(f"running the centralized baseline beside the federated run: the baseline on 1 core, "
+                 f"the federated run on {self._cores}")
+        job.start()
+        try:
+            result = self._run_federated(run_path, resume, communicator)
+            try:
+                job.wait()
+            except RuntimeError as exc:
+                raise RuntimeError(f"{exc}; the federated run itself finished and is complete in {run_path}") from exc
+        finally:
+            job.cancel()
+            self._cores = None
+        result.baseline = load_run_result(base_dir)
+        write_comparison(result.run_dir, result.final, result.baseline.final)
+        return result
+
+    def _centralized_in_child(self, base_dir: Path) -> None:
+        """The baseline's body in the forked child: train, then leave timings beside its results."""
+        baseline = self._run_centralized(base_dir.parent, cores=1, progress=False)
+        (base_dir / "timings.json").write_text(json.dumps(baseline.timings))
 
     def _run_federated(
         self, run_dir: str | Path | None, resume: str | Path | None, communicator: CommunicatorFactory | None = None
     ) -> RunResult:
         cfg = self.config
         t_start = time.perf_counter()
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        threads = min(cfg.run.threads or self._cores or 0, self._cores or cfg.run.threads)
+        if threads:
+            torch.set_num_threads(threads)
         setup = self.assemble()
         run_dir = Path(resume) if resume else Path(run_dir or self._new_run_dir())
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -331,7 +384,7 @@ class Experiment:
             return setup.make_client(cid, store)
 
         faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
-        threads = cfg.run.client_threads or max(1, (os.cpu_count() or 1) // n_workers)
+        threads = cfg.run.client_threads or max(1, (self._cores or os.cpu_count() or 1) // n_workers)
         comm: Communicator = (
             WorkerPoolCommunicator(make_client, n_workers, faults, lambda c: len(setup.parts[c]), threads)
             if n_workers > 1
@@ -339,13 +392,17 @@ class Experiment:
         )
         return comm, state_dir
 
-    def _run_centralized(self, run_dir: Path) -> RunResult:
-        """The same task, model, training and rounds with one client holding all the data."""
+    def _run_centralized(self, run_dir: Path, cores: int | None = None, progress: bool = True) -> RunResult:
+        """The same task, model, training and rounds with one client holding all the data
+        (on ``cores`` cores, default all)."""
         base = Config.from_dict(self.config.to_dict())
         for key, value in CENTRALIZED_OVERRIDES.items():
             base.set(key, value)
+        if not progress:
+            base.set("run.progress", False)
         self.log("running the centralized baseline (one client, all the data, same passes)")
         sub = Experiment(base, task=self.user_task, train=self.train, test=self.test, log=self._log_fn)
+        sub._cores = cores
         return sub._run_federated(run_dir / "centralized", None)
 
     def _loop(self, server: Server, run_dir: Path, first: int, append: bool, setup: Setup) -> RunResult:
@@ -415,6 +472,16 @@ class Experiment:
         (run_dir / "partition.json").write_text(
             json.dumps({"sizes": [len(p) for p in parts], "label_counts": matrix.tolist()})
         )
+
+
+def load_run_result(run_dir: Path) -> RunResult:
+    """A finished run read back from its folder (metrics.jsonl, summary.json, model.safetensors
+    and, where present, timings.json)."""
+    final = json.loads((run_dir / "summary.json").read_text())
+    timings_path = run_dir / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    return RunResult(run_dir, read_metrics(run_dir / "metrics.jsonl"), final,
+                     load_file(str(run_dir / "model.safetensors")), final.get("stopped"), timings)
 
 
 def run_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunResult:

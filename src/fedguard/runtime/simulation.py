@@ -167,9 +167,10 @@ class WorkerPoolCommunicator:
         self._conns, self._procs = [], []
 
 
-def default_workers(clients_per_round: int) -> int:
-    """One worker per core, no more than the clients of a round."""
-    return max(1, min(os.cpu_count() or 1, clients_per_round))
+def default_workers(clients_per_round: int, cores: int | None = None) -> int:
+    """One worker per core (of ``cores``, default all of this machine's), no more than the
+    clients of a round."""
+    return max(1, min(cores or os.cpu_count() or 1, clients_per_round))
 
 
 def temp_state_dir() -> str:
