@@ -10,7 +10,9 @@ centralized baseline (one client holding all the data, same rounds and local epo
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,6 +20,7 @@ import torch
 from fedguard import Experiment
 from fedguard.config import Config
 from fedguard.experiment import RunResult
+from fedguard.runtime.forked_job import ForkedJob
 
 FEDERATED = {
     "data.dataset": "mnist",
@@ -49,6 +52,7 @@ MAE = {
     "run.rounds": 25,
     "run.eval_every": 5,
     "run.threads": 0,
+    "run.baseline_concurrent": True,
     "mae.patch": 7,
     "mae.dim": 128,
     "mae.depth": 4,
@@ -120,10 +124,25 @@ def bench_vae(args: Any) -> dict[str, Any]:
 
 
 def bench_mae(args: Any) -> dict[str, Any]:
-    """MAE: linear-probe accuracy of the encoder (federated, centralized) vs raw pixels."""
-    result, config, wall = _run(args, MAE, "bench-mae")
+    """MAE: linear-probe accuracy of the encoder (federated, centralized) vs raw pixels.
+
+    The probes of the untrained encoder (what the architecture alone gives) run in a forked
+    process beside the training and leave their figures in a JSON file.
+    """
+    config = _config(args, MAE, "bench-mae")
+    out = Path(config.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    random_path = out / "mae-random-init-probes.json"
+    random_path.unlink(missing_ok=True)
+    job = ForkedJob(lambda: random_path.write_text(json.dumps(_random_init_probes(config))),
+                    out / "mae-random-init-error.txt", 1, "the untrained-encoder probes").start()
+    try:
+        result, config, wall = _run(args, MAE, "bench-mae")
+        job.wait()
+    finally:
+        job.cancel()
     fed, central = result.final, result.baseline.final
-    random = _random_init_probes(config)
+    random = json.loads(random_path.read_text())
     return {
         "fed_probe_acc": fed["probe_acc"],
         "central_probe_acc": central["probe_acc"],
