@@ -59,7 +59,8 @@ MAE = {
     "mae.pool": "tokens",
     "mae.extra_pools": "mean",
     "mae.eval_examples": 1000,
-    "mae.lr": 1e-3,
+    "mae.lr": 5e-4,
+    "server.lr": 1.5,
     "train.lr_schedule": "cosine",
 }
 GAN = {
