@@ -285,6 +285,14 @@ class Experiment:
             write_comparison(result.run_dir, result.final, result.baseline.final)
         return result
 
+    def _core_count(self) -> int:
+        """The cores this run may use: all of the machine's unless the baseline runs beside it."""
+        return self._cores or os.cpu_count() or 1
+
+    def _run_dir_for(self, run_dir: str | Path | None, resume: str | Path | None) -> Path:
+        """The folder a run writes: the resumed one, the given one, or a new timestamped one."""
+        return Path(resume) if resume else Path(run_dir or self._new_run_dir())
+
     def _can_run_concurrently(self) -> bool:
         cores = os.cpu_count() or 1
         if cores < 2 or not fork_available():
@@ -298,14 +306,14 @@ class Experiment:
     ) -> RunResult:
         """The federated run on all cores but one while the centralized baseline trains on
         the last one, in a forked process that leaves its results in ``RUN_DIR/centralized``."""
-        run_path = Path(resume) if resume else Path(run_dir or self._new_run_dir())
+        run_path = self._run_dir_for(run_dir, resume)
         run_path.mkdir(parents=True, exist_ok=True)
         self.train, self.test = self.load_data()  # loaded once, shared with the child by fork
         base_dir = run_path / "centralized"
         base_dir.mkdir(exist_ok=True)
         job = ForkedJob(lambda: self._centralized_in_child(base_dir), base_dir / "error.txt", 1,
                         "the centralized baseline")
-        self._cores = max(1, (os.cpu_count() or 2) - 1)
+        self._cores = max(1, self._core_count() - 1)
         self.log(f"running the centralized baseline beside the federated run: the baseline on 1 core, "
                  f"the federated run on {self._cores}")
         job.start()
@@ -332,11 +340,13 @@ class Experiment:
     ) -> RunResult:
         cfg = self.config
         t_start = time.perf_counter()
-        threads = min(cfg.run.threads or self._cores or 0, self._cores or cfg.run.threads)
+        threads = cfg.run.threads or self._cores  # 0: leave torch's default (every core)
+        if threads and self._cores:
+            threads = min(threads, self._cores)
         if threads:
             torch.set_num_threads(threads)
         setup = self.assemble()
-        run_dir = Path(resume) if resume else Path(run_dir or self._new_run_dir())
+        run_dir = self._run_dir_for(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
         self._write_partition(run_dir, setup.train, setup.parts)
@@ -384,7 +394,7 @@ class Experiment:
             return setup.make_client(cid, store)
 
         faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
-        threads = cfg.run.client_threads or max(1, (self._cores or os.cpu_count() or 1) // n_workers)
+        threads = cfg.run.client_threads or max(1, self._core_count() // n_workers)
         comm: Communicator = (
             WorkerPoolCommunicator(make_client, n_workers, faults, lambda c: len(setup.parts[c]), threads)
             if n_workers > 1
