@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from fedguard import ArrayDataset, Experiment
-from fedguard.tasks.mae import MAETask, linear_probe, masked_mse, patchify, random_masking, unpatchify
+from fedguard.tasks.mae import (
+    MAETask,
+    linear_probe,
+    masked_mse,
+    normalise_patches,
+    patchify,
+    random_masking,
+    unpatchify,
+)
 
 TINY = [
     "task.name=mae",
@@ -42,6 +50,27 @@ def test_masked_mse_by_hand_ignores_visible_patches():
     mask = torch.tensor([[1.0, 0.0, 1.0]])  # patch 1 is visible: its error of 100 must not count
     # patch 0: (1 + 1) / 2 = 1; patch 2: (0 + 4) / 2 = 2; mean over the two masked patches
     assert masked_mse(pred, target, mask).item() == pytest.approx(1.5)
+
+
+def test_norm_pix_targets_by_hand(tmp_path):
+    patches = torch.tensor([[[0.0, 2.0, 4.0, 6.0], [1.0, 1.0, 1.0, 1.0]]])
+    # mean 3, biased variance (9 + 1 + 1 + 9) / 4 = 5; a flat patch stays at zero
+    expected = torch.tensor([-3.0, -1.0, 1.0, 3.0]) / (5.0 + 1e-6) ** 0.5
+    out = normalise_patches(patches)
+    assert torch.allclose(out[0, 0], expected) and torch.equal(out[0, 1], torch.zeros(4))
+    task = MAETask((1, 4, 4), patch=2, dim=8, depth=1, heads=2, decoder_dim=8, norm_pix_loss=True)
+    model = task.build_model()
+    x = torch.rand(2, 1, 4, 4)
+    torch.manual_seed(3)
+    pred, target, mask = task.forward(model, dict(model.named_parameters()), x)
+    assert torch.allclose(target, normalise_patches(patchify(x, 2)))
+    torch.manual_seed(3)
+    assert task.loss(model, dict(model.named_parameters()), (x, None)).item() == pytest.approx(
+        masked_mse(pred, target, mask).item())
+    # the report shows pixels: predictions mapped back with each patch's own mean and std
+    data = ArrayDataset(x, torch.zeros(2, dtype=torch.long))
+    [(caption, path)] = task.report_figures(model, dict(model.named_parameters()), data, tmp_path, "final")
+    assert path.stat().st_size > 500 and "reconstruction" in caption
 
 
 def test_random_masking_hides_the_configured_share():

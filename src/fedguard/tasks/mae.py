@@ -52,6 +52,13 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each patch's pixels minus their mean, over their standard deviation: the ``norm_pix``
+    targets of He et al. 2022 (biased variance, ``eps`` keeps flat patches at zero)."""
+    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (var + eps).sqrt()
+
+
 def random_masking(noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the ``keep`` visible patches per row (lowest ``noise``) and the 0/1 mask
     (1 = hidden), from uniform ``noise`` of shape (B, N)."""
@@ -229,7 +236,7 @@ class MAETask(Task):
                  decoder_dim: int = 64, decoder_depth: int = 1, mask_ratio: float = 0.75, pool: str = "tokens",
                  extra_pools: tuple[str, ...] = (), probe_examples: int = 0, probe_iters: int = 300,
                  probe_l2: float = 1e-4, eval_examples: int = 2000, optimizer: str = "adam", lr: float = 1e-3,
-                 probe_l2_grid: tuple[float, ...] = ()) -> None:
+                 probe_l2_grid: tuple[float, ...] = (), norm_pix_loss: bool = False) -> None:
         for p in (pool, *extra_pools):
             if p not in POOLS:
                 raise ValueError(f"pool must be one of {POOLS}, got {p!r}")
@@ -237,7 +244,7 @@ class MAETask(Task):
         self.shape, self.patch, self.dim, self.depth, self.heads = tuple(shape), patch, dim, depth, heads
         self.decoder_dim, self.decoder_depth, self.mask_ratio, self.pool = decoder_dim, decoder_depth, mask_ratio, pool
         self.probe_examples, self.probe_iters, self.probe_l2 = probe_examples, probe_iters, probe_l2
-        self.probe_l2_grid = tuple(probe_l2_grid)
+        self.probe_l2_grid, self.norm_pix_loss = tuple(probe_l2_grid), norm_pix_loss
         self.eval_examples, self.optimizer, self.lr = eval_examples, optimizer, lr
         self.num_patches = (shape[1] // patch) * (shape[2] // patch)
         self.keep = max(1, int(round(self.num_patches * (1 - mask_ratio))))
@@ -247,10 +254,12 @@ class MAETask(Task):
 
     def forward(self, model: nn.Module, params: Params, x: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prediction, target patches, mask) for a fresh random masking of ``x``."""
+        """(prediction, target patches, mask) for a fresh random masking of ``x``; the targets
+        are the patches' pixels, or their normalised pixels with ``norm_pix_loss``."""
         noise = torch.rand(len(x), self.num_patches, generator=generator)
         pred, mask = functional_call(model, params, (x, noise, self.keep))
-        return pred, patchify(x, self.patch), mask
+        target = patchify(x, self.patch)
+        return pred, normalise_patches(target) if self.norm_pix_loss else target, mask
 
     def loss(self, model: nn.Module, params: Params, batch: Batch) -> torch.Tensor:
         pred, target, mask = self.forward(model, params, batch[0])
@@ -327,7 +336,11 @@ class MAETask(Task):
     def report_figures(self, model: nn.Module, params: Params, data: ArrayDataset, out_dir: Path,
                        tag: str) -> list[tuple[str, Path]]:
         x = data.x[:12]
-        pred, target, mask = self.forward(model, params, x, torch.Generator().manual_seed(0))
+        pred, _, mask = self.forward(model, params, x, torch.Generator().manual_seed(0))
+        target = patchify(x, self.patch)
+        if self.norm_pix_loss:  # shown in pixels with each hidden patch's own mean and std (as He et al. do)
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True, unbiased=False)
+            pred = pred * (var + 1e-6).sqrt() + mean
         hidden = mask.unsqueeze(-1)
         masked = unpatchify(target * (1 - hidden) + 0.5 * hidden, self.patch, self.shape)
         pasted = unpatchify(pred * hidden + target * (1 - hidden), self.patch, self.shape)
@@ -340,7 +353,7 @@ class MAETask(Task):
     def describe(self) -> dict[str, Any]:
         return {"task": self.name, "patch": self.patch, "dim": self.dim, "depth": self.depth,
                 "decoder_dim": self.decoder_dim, "decoder_depth": self.decoder_depth,
-                "mask_ratio": self.mask_ratio, "pool": self.pool}
+                "mask_ratio": self.mask_ratio, "norm_pix_loss": self.norm_pix_loss, "pool": self.pool}
 
 
 def pixel_probe(train: ArrayDataset, test: ArrayDataset, l2: float = 1e-4, iters: int = 300,

@@ -55,9 +55,11 @@ class MAEConfig:
 
     patch: int = option(7, "Patch side in pixels (must divide the image side).", min=1)
     mask_ratio: float = option(0.75, "Share of patches hidden from the encoder.", min=0.0, max=0.99)
+    norm_pix_loss: bool = option(False, "Reconstruct each patch's normalised pixels (minus its mean, over its std; "
+                                 "He et al. 2022); masked_mse is then in those units.")
     dim: int = option(128, "Encoder width.", min=1)
     depth: int = option(4, "Encoder transformer blocks.", min=1)
-    heads: int = option(4, "Attention heads (encoder and decoder).", min=1)
+    heads: int = option(4, "Attention heads of the encoder (the decoder always has 4).", min=1)
     decoder_dim: int = option(64, "Decoder width.", min=1)
     decoder_depth: int = option(1, "Decoder transformer blocks.", min=1)
     pool: str = option("tokens", "Encoder features of the linear probe: all patch tokens concatenated (tokens), "
@@ -82,7 +84,8 @@ def build_mae(config: Config, train: ArrayDataset) -> Task:
     c = config.mae
     return MAETask(tuple(train.x.shape[1:]), c.patch, c.dim, c.depth, c.heads, c.decoder_dim, c.decoder_depth,
                    c.mask_ratio, c.pool, tuple(c.extra_pools), c.probe_examples, c.probe_iters, c.probe_l2,
-                   c.eval_examples, c.optimizer, c.lr, tuple(float(v) for v in c.probe_l2_grid))
+                   c.eval_examples, c.optimizer, c.lr, tuple(float(v) for v in c.probe_l2_grid),
+                   c.norm_pix_loss)
 
 
 register_section("mae", MAEConfig)
