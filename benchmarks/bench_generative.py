@@ -69,6 +69,7 @@ GAN = {
     "run.eval_every": 5,
     "gan.hidden": 256,
     "gan.latent": 64,
+    "gan.lr": 4e-4,
     "gan.eval_samples": 2000,
     "gan.final_samples": 10000,
     "run.threads": 0,

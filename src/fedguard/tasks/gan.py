@@ -112,7 +112,7 @@ class GANTask(Task):
 
     def __init__(self, shape: tuple[int, ...], scorer: FrechetScorer, latent: int = 64, hidden: int = 256,
                  g_norm: str = "batch", d_dropout: float = 0.0, loss: str = "nonsaturating", d_steps: int = 1,
-                 lr: float = 2e-4, beta1: float = 0.5,
+                 lr: float = 4e-4, beta1: float = 0.5,
                  eval_samples: int = 2000, final_samples: int = 10000, feature_name: str = "classifier") -> None:
         if loss not in GAN_LOSSES:
             raise ValueError(f"GAN loss must be one of {GAN_LOSSES}, got {loss!r}")
