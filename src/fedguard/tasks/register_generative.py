@@ -103,7 +103,8 @@ class GANConfig:
     d_dropout: float = option(0.0, "Dropout after each discriminator hidden layer.", min=0.0, max=0.9)
     loss: str = option("nonsaturating", "GAN loss.", choices=["nonsaturating", "hinge", "lsgan"])
     d_steps: int = option(1, "Discriminator steps per generator step.", min=1)
-    lr: float = option(4e-4, "Adam learning rate of both networks (2e-4, the DCGAN value, trained slower; see docs/generative.md).", min=0.0)
+    lr: float = option(4e-4, "Adam learning rate of both networks (2e-4, the DCGAN value, trained slower; "
+                       "see docs/generative.md).", min=0.0)
     beta1: float = option(0.5, "Adam beta1 of both networks.", min=0.0, max=0.999)
     eval_samples: int = option(2000, "Generated and test images per evaluation round's FD.", min=2)
     final_samples: int = option(10000, "Generated and test images of the final FD.", min=2)
