@@ -52,11 +52,18 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def patch_stats(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's pixel mean and standard deviation (biased variance plus ``eps``), shaped to
+    broadcast over its pixels."""
+    var = patches.var(-1, keepdim=True, unbiased=False)
+    return patches.mean(-1, keepdim=True), (var + eps).sqrt()
+
+
+def normalise_patches(patches: torch.Tensor) -> torch.Tensor:
     """Each patch's pixels minus their mean, over their standard deviation: the ``norm_pix``
-    targets of He et al. 2022 (biased variance, ``eps`` keeps flat patches at zero)."""
-    mean, var = patches.mean(-1, keepdim=True), patches.var(-1, keepdim=True, unbiased=False)
-    return (patches - mean) / (var + eps).sqrt()
+    targets of He et al. 2022 (flat patches stay at zero)."""
+    mean, std = patch_stats(patches)
+    return (patches - mean) / std
 
 
 def random_masking(noise: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -339,8 +346,8 @@ class MAETask(Task):
         pred, _, mask = self.forward(model, params, x, torch.Generator().manual_seed(0))
         target = patchify(x, self.patch)
         if self.norm_pix_loss:  # shown in pixels with each hidden patch's own mean and std (as He et al. do)
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True, unbiased=False)
-            pred = pred * (var + 1e-6).sqrt() + mean
+            mean, std = patch_stats(target)
+            pred = pred * std + mean
         hidden = mask.unsqueeze(-1)
         masked = unpatchify(target * (1 - hidden) + 0.5 * hidden, self.patch, self.shape)
         pasted = unpatchify(pred * hidden + target * (1 - hidden), self.patch, self.shape)
