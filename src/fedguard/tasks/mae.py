@@ -88,8 +88,9 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        att = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        # unbind, not qkv[0], qkv[1], qkv[2]: indexing's backward zero-fills a full-size buffer per index
+        q, k, v = self.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        att = F.scaled_dot_product_attention(q, k, v)
         x = x + self.proj(att.transpose(1, 2).reshape(b, n, d))
         return x + self.mlp(self.norm2(x))
 
