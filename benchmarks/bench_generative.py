@@ -98,6 +98,10 @@ def _run(args: Any, task: dict[str, Any], name: str) -> tuple[RunResult, Config,
         "fed_wall_s": round(result.timings["total_s"], 1),
         "central_wall_s": round(result.baseline.timings["total_s"], 1),
         "bench_total_s": round(time.perf_counter() - t0, 1),
+        "fed_median_round_s": round(result.final["median_round_s"], 2),
+        "central_median_round_s": round(result.baseline.final["median_round_s"], 2),
+        "fed_final_metrics_s": round(result.final["final_metrics_s"], 1),
+        "central_final_metrics_s": round(result.baseline.final["final_metrics_s"], 1),
     }
     return result, config, wall
 

@@ -132,6 +132,7 @@ def test_short_federated_run_lowers_masked_mse_and_reports_probe(tmp_path):
     final = result.final
     assert 0.1 < final["probe_acc"] <= 1 and 0.5 < final["pixel_probe_acc"] <= 1
     assert final["probe_examples"] == 400 and 0.1 < final["probe_acc_mean"] <= 1
+    assert 0 < final["final_metrics_s"] < result.timings["total_s"]  # the probes' time, reported on its own
     path = result.run_dir / "plots" / "mae_reconstruction_final.png"
     assert path.stat().st_size > 1000 and path.name in (result.run_dir / "report.md").read_text()
 

@@ -450,7 +450,9 @@ class Experiment:
     ) -> dict[str, Any]:
         task, model, train, test = setup.task, setup.model, setup.train, setup.test
         final: dict[str, Any] = {f"test_{k}": v for k, v in server.evaluate().items()}
+        t_final = time.perf_counter()
         final.update(task.final_metrics(model, server.params, train, test))
+        final["final_metrics_s"] = time.perf_counter() - t_final
         final.update(server.pipeline.ledger.report())
         final["rounds"] = server.round
         final["total_bytes_sent"] = sum(r["bytes_sent"] for r in rows)
