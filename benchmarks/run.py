@@ -2,14 +2,22 @@
 
 Each ``benchmarks/bench_*.py`` module defines ``BENCHMARKS = {name: function}``; a function
 takes the parsed arguments and returns a dict of figures. The last line printed is one JSON
-object with ``name``, the figures and the resolved configuration under ``config``.
+object with ``name``, the figures and the resolved configuration under ``config``, and the
+provenance every committed figure needs: ``date`` (UTC), ``commit`` (``git describe``, with
+``-dirty`` for uncommitted changes), ``machine`` (cores, Python, torch) and ``load_avg`` (the
+1-minute load average before and after the run: other jobs on the cores slow wall-clock
+figures, not accuracies).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib.util
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +35,28 @@ def discover() -> dict[str, object]:
         spec.loader.exec_module(module)
         found.update(getattr(module, "BENCHMARKS", {}))
     return found
+
+
+def provenance() -> dict[str, object]:
+    """Date, commit and machine of a result line (what makes a figure checkable later)."""
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=HERE, capture_output=True, text=True, timeout=10, check=False,
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = "absent"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": commit,
+        "machine": {"cores": os.cpu_count(), "python": platform.python_version(), "torch": torch_version},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown benchmark {args.name!r}; known: {', '.join(sorted(benches))}", file=sys.stderr)
         return 2
     t0 = time.time()
+    load_before = os.getloadavg()[0]
     figures = benches[args.name](args)
     figures.setdefault("name", args.name)
     figures.setdefault("quick", bool(args.quick))
     figures.setdefault("bench_wall_s", round(time.time() - t0, 2))
+    figures.setdefault("load_avg", [round(load_before, 2), round(os.getloadavg()[0], 2)])
+    for key, value in provenance().items():
+        figures.setdefault(key, value)
     print(json.dumps({"name": figures.pop("name"), **figures}, default=str))
     return 0
 
