@@ -11,7 +11,7 @@ _EXPORTS = {
     "ArrayDataset": "fedguard.data.arrays",
     "ClassificationTask": "fedguard.tasks.classification",
     "Config": "fedguard.config",
-    "ConfigurationError": "fedguard.pipeline.base",
+    "ConfigurationError": "fedguard.core.pipeline",
     "Experiment": "fedguard.experiment",
     "RunResult": "fedguard.experiment",
     "Task": "fedguard.tasks.base",

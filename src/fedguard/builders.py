@@ -18,8 +18,7 @@ from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
 from fedguard.algorithms.sampling import ClientSampler
 from fedguard.algorithms.server_optimizers import build_server_optimizer
 from fedguard.config import Config
-from fedguard.data.arrays import ArrayDataset
-from fedguard.pipeline.base import (
+from fedguard.core.pipeline import (
     Aggregator,
     ClientStep,
     ConfigurationError,
@@ -27,6 +26,7 @@ from fedguard.pipeline.base import (
     ServerStep,
     UpdatePipeline,
 )
+from fedguard.data.arrays import ArrayDataset
 from fedguard.tasks.base import Task
 from fedguard.tasks.classification import ClassificationTask
 from fedguard.tasks.models import build_classifier

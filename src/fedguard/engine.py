@@ -17,12 +17,12 @@ from torch import nn
 
 from fedguard.algorithms.lr_schedule import FitConfig
 from fedguard.algorithms.sampling import ClientSampler
+from fedguard.core.communicator import Communicator, client_generator
+from fedguard.core.messages import Message
+from fedguard.core.pipeline import AggregateResult, ServerContext, UpdatePipeline
+from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
-from fedguard.messages import Message
-from fedguard.pipeline.base import AggregateResult, ServerContext, UpdatePipeline
-from fedguard.runtime.base import Communicator, client_generator
 from fedguard.tasks.base import Task
-from fedguard.types import Params
 
 
 @dataclass

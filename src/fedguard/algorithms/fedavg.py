@@ -6,10 +6,10 @@ import math
 
 import torch
 
-from fedguard.messages import Message
-from fedguard.pipeline.base import AggregateResult, Aggregator, ServerContext
-from fedguard.runtime.base import Communicator
-from fedguard.types import Params
+from fedguard.core.communicator import Communicator
+from fedguard.core.messages import Message
+from fedguard.core.pipeline import AggregateResult, Aggregator, ServerContext
+from fedguard.core.types import Params
 
 
 class UpdateRejected(ValueError):

@@ -15,8 +15,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
-from fedguard.types import Params
 
 LossOf = Callable[[Params, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedguard.pipeline.base import ConfigurationError
+from fedguard.core.pipeline import ConfigurationError
 
 
 def parse_schedule(items: list[str], population: int, what: str) -> dict[int, int]:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from fedguard.pipeline.base import ServerOptimizer
-from fedguard.types import Params
+from fedguard.core.pipeline import ServerOptimizer
+from fedguard.core.types import Params
 
 
 class FedAvgServer(ServerOptimizer):

@@ -1,93 +1,23 @@
-"""What both runtimes share: the communicator interface and the client application.
+"""Compatibility shim: what both runtimes share lives in :mod:`fedguard.core.communicator`
+(the communicator, faults, client generators) and :mod:`fedguard.core.state` (client state)."""
 
-Algorithm code talks to clients only through :meth:`Communicator.exchange`: it hands over one
-:class:`~fedguard.messages.Message` per client and gets the replies back. The in-process
-simulation and the network runtime implement the same call, so no algorithm knows which
-one it runs on.
-"""
+from fedguard.core.communicator import (
+    ClientDropped,
+    Communicator,
+    Exchange,
+    FaultModel,
+    TrafficCounter,
+    client_generator,
+)
+from fedguard.core.state import decode_state, encode_state
 
-from __future__ import annotations
-
-import hashlib
-from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
-
-from fedguard.messages import Message
-
-
-@dataclass
-class Exchange:
-    """Replies by client id, and the reason for each client that gave none."""
-
-    replies: dict[int, Message] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-
-
-@dataclass
-class TrafficCounter:
-    """Bytes that crossed between server and clients, as serialised on the wire."""
-
-    sent: int = 0
-    received: int = 0
-
-    def snapshot(self) -> tuple[int, int]:
-        return self.sent, self.received
-
-
-class Communicator(Protocol):
-    """Delivers messages to clients and collects their replies."""
-
-    traffic: TrafficCounter
-
-    def exchange(self, messages: dict[int, Message]) -> Exchange:
-        """Send each message to its client; return the replies that came back."""
-        ...
-
-    def close(self) -> None:
-        """Release workers or connections."""
-        ...
-
-
-class ClientDropped(RuntimeError):
-    """Raised inside a simulated client to model a failure mid-round."""
-
-
-@dataclass
-class FaultModel:
-    """Seeded simulated dropouts: each client fails a stage with probability ``rate``.
-
-    ``stages`` names the message kinds where a failure may happen (``fit`` by default:
-    the client dies while training and never replies).
-    """
-
-    rate: float = 0.0
-    seed: int = 0
-    stages: tuple[str, ...] = ("fit",)
-
-    def drops(self, msg: Message) -> bool:
-        """Whether this client fails on this message (deterministic in seed, round, client)."""
-        if self.rate <= 0 or msg.kind not in self.stages:
-            return False
-        digest = hashlib.sha256(f"{self.seed}/{msg.round}/{msg.client_id}/{msg.kind}".encode()).digest()
-        return int.from_bytes(digest[:8], "little") / 2**64 < self.rate
-
-
-def client_generator(seed: int, round: int, client_id: int, purpose: str = "train") -> torch.Generator:
-    """A torch generator private to one client, round and purpose, reproducible from the seed."""
-    digest = hashlib.sha256(f"{seed}/{round}/{client_id}/{purpose}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-def encode_state(state: dict[str, Any]) -> bytes:
-    """Client state (tensors and JSON values) to bytes, via the message codec."""
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    meta = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-    return Message("state", 0, 0, meta, tensors).to_bytes()
-
-
-def decode_state(data: bytes) -> dict[str, Any]:
-    """Inverse of :func:`encode_state`."""
-    msg = Message.from_bytes(data)
-    return {**msg.meta, **msg.tensors}
+__all__ = [
+    "ClientDropped",
+    "Communicator",
+    "Exchange",
+    "FaultModel",
+    "TrafficCounter",
+    "client_generator",
+    "decode_state",
+    "encode_state",
+]

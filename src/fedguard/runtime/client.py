@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from fedguard.algorithms.lr_schedule import read_lr_scale
+from fedguard.core.communicator import client_generator
+from fedguard.core.messages import Message
+from fedguard.core.pipeline import ClientContext, UpdatePipeline
+from fedguard.core.state import StateStore
 from fedguard.data.arrays import ArrayDataset
-from fedguard.messages import Message
-from fedguard.pipeline.base import ClientContext, UpdatePipeline
-from fedguard.runtime.base import client_generator
-from fedguard.runtime.state_store import MemoryStateStore, StateStore
+from fedguard.runtime.state_store import MemoryStateStore
 from fedguard.tasks.base import Task
 
 Handler = Callable[[Message, ClientContext], Message]

@@ -7,17 +7,11 @@ file of its own, so a client may run in any worker process without the server ho
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from fedguard.runtime.base import decode_state, encode_state
+from fedguard.core.state import StateStore, decode_state, encode_state
 
-
-class StateStore(Protocol):
-    """Loads and saves one client's state."""
-
-    def load(self, client_id: int) -> dict[str, Any]: ...
-
-    def save(self, client_id: int, state: dict[str, Any]) -> None: ...
+__all__ = ["DirectoryStateStore", "MemoryStateStore", "StateStore"]
 
 
 class MemoryStateStore:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
-from fedguard.types import Params
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

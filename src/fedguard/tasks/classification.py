@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
 from fedguard.tasks.base import Batch, Task
-from fedguard.types import Params
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,0 +1,91 @@
+"""Messages between server and clients: tensors plus small JSON metadata, no pickle.
+
+A :class:`Message` is the only thing that crosses between the server and a client, in the
+simulation (between worker processes) and over the network alike. Its wire form is a
+safetensors file: the tensors by name and one JSON header in the safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedguard.core.types import Params
+
+_HEADER_KEY = "fedguard"
+PROTOCOL_VERSION = 1
+
+
+class MessageError(ValueError):
+    """A message that cannot be decoded or does not fit what was expected."""
+
+
+@dataclass
+class Message:
+    """One step of the protocol, addressed to or from one client.
+
+    ``kind`` names the step (``fit``, ``evaluate``, ``secagg/share_keys``, ...); ``round`` and
+    ``client_id`` say which round and which party; ``meta`` is small JSON (numbers, strings,
+    lists); ``tensors`` carries the payload (parameters, updates, masked or encrypted vectors).
+    """
+
+    kind: str
+    round: int
+    client_id: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: Params = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        """Serialise with safetensors; the header goes into its string metadata."""
+        header = {
+            "v": PROTOCOL_VERSION,
+            "kind": self.kind,
+            "round": self.round,
+            "client_id": self.client_id,
+            "meta": self.meta,
+        }
+        tensors = {k: t.detach().contiguous() for k, t in self.tensors.items()}
+        return st_save(tensors, metadata={_HEADER_KEY: json.dumps(header, allow_nan=False)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Message:
+        """Parse bytes made by :meth:`to_bytes`; anything else raises :class:`MessageError`."""
+        try:
+            tensors = st_load(data)
+            header_text = _read_metadata(data).get(_HEADER_KEY)
+        except (SafetensorError, ValueError, OverflowError, KeyError) as exc:
+            raise MessageError(f"not a fedguard message ({exc})") from exc
+        if header_text is None:
+            raise MessageError("not a fedguard message (no fedguard header)")
+        try:
+            header = json.loads(header_text)
+            version = int(header["v"])
+            kind, rnd, cid = str(header["kind"]), int(header["round"]), int(header["client_id"])
+            meta = dict(header.get("meta", {}))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise MessageError(f"malformed fedguard header ({exc})") from exc
+        if version != PROTOCOL_VERSION:
+            raise MessageError(
+                f"protocol version {version} but this fedguard speaks {PROTOCOL_VERSION}; "
+                "run the same fedguard version on server and clients"
+            )
+        return cls(kind, rnd, cid, meta, dict(tensors))
+
+    def nbytes(self) -> int:
+        """Payload size in bytes (tensor data only)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ValueError("message shorter than its length prefix")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("header length beyond the end of the message")
+    header = json.loads(data[8 : 8 + n])
+    return header.get("__metadata__", {}) or {}
