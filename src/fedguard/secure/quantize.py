@@ -8,7 +8,14 @@ Scheme (for secure aggregation, where the server only sees a sum modulo ``2^b``)
 * Because every client contributes at most ``L``, the sum over up to ``max_clients`` clients is
   at most ``max_clients * L <= 2^b - 1``: the modular sum never wraps and equals the integer sum.
   (``L`` is capped at ``2^52`` so that float64 represents every level exactly.)
-* The sum of ``n`` quantized vectors dequantizes as ``S * step - n * clip``.
+* The sum of ``n`` quantized vectors dequantizes as ``S * step - n * clip``, where ``S`` is the
+  ring sum read as the integer nearest the middle of the honest range ``[0, n * L]``
+  (:meth:`Quantizer.centred`): a sum pushed below 0 (integer noise, a hostile client) reads as
+  negative instead of wrapping to the top of the ring.
+* ``headroom_bits = h`` keeps the top ``h`` bits of the ring free, ``L = floor((2^(b-h) - 1) / n)``,
+  for integer noise added after quantization (distributed discrete DP): the noisy sum decodes
+  exactly while ``|noise sum| < 2^(b-1) - n * L / 2`` and wraps modulo ``2^b`` beyond it
+  (modular clipping, as in Kairouz et al., ICML 2021).
 
 Error bound after dequantizing the sum of ``n`` clients' inputs that lie in ``[-clip, clip]``:
 
@@ -65,11 +72,13 @@ class Quantizer:
         clip: clipping bound ``c > 0``.
         bits: ring size exponent ``b`` (arithmetic is modulo ``2^b``).
         max_clients: largest number of vectors that will be summed.
+        headroom_bits: top bits of the ring kept free for integer noise (0: none).
     """
 
     clip: float
     bits: int = 32
     max_clients: int = 1
+    headroom_bits: int = 0
 
     def __post_init__(self) -> None:
         ring_dtype(self.bits)
@@ -77,6 +86,8 @@ class Quantizer:
             raise ValueError(f"clip must be a positive finite number, got {self.clip}")
         if self.max_clients < 1:
             raise ValueError(f"max_clients must be >= 1, got {self.max_clients}")
+        if not 0 <= self.headroom_bits < self.bits:
+            raise ValueError(f"headroom_bits must lie in 0..{self.bits - 1}, got {self.headroom_bits}")
         if self.levels < 1:
             raise ValueError(f"2^{self.bits} is too small for {self.max_clients} clients: no levels left")
 
@@ -88,7 +99,7 @@ class Quantizer:
     @property
     def levels(self) -> int:
         """``L``: largest quantized value one client may contribute."""
-        return min(ring_mask(self.bits) // self.max_clients, _MAX_LEVELS)
+        return min(ring_mask(self.bits - self.headroom_bits) // self.max_clients, _MAX_LEVELS)
 
     @property
     def step(self) -> float:
@@ -111,11 +122,27 @@ class Quantizer:
             rounded = np.floor(scaled + rng.random(arr.shape))
         return np.clip(rounded, 0, self.levels).astype(self.dtype)
 
-    def dequantize_sum(self, s: np.ndarray, n: int) -> np.ndarray:
-        """Map the ring sum of ``n`` quantized vectors back to the float64 sum."""
+    def centred(self, s: np.ndarray, n: int) -> np.ndarray:
+        """The ring sum ``s`` of ``n`` inputs as integers in ``[n*L/2 - 2^(b-1), n*L/2 + 2^(b-1))``.
+
+        Honest sums lie in ``[0, n * L]`` and are returned unchanged; a sum that noise (or a hostile
+        client) pushed below 0 comes back negative rather than near ``2^b``. int64 for rings up to
+        62 bits, float64 above.
+        """
         if not 0 <= n <= self.max_clients:
             raise ValueError(f"n={n} must lie in 0..max_clients={self.max_clients}")
-        return np.asarray(s).astype(np.float64) * self.step - n * self.clip
+        arr = np.asarray(s)
+        if arr.dtype.kind not in "ui":
+            raise ValueError(f"a ring sum holds integers, got {arr.dtype}")
+        arr = arr.astype(self.dtype)  # an element of Z_{2^b}: reduced modulo 2^32 or 2^64
+        low = n * self.levels // 2 - (1 << (self.bits - 1))
+        offset = arr - self.dtype.type(low % (1 << self.bits))  # wraps modulo 2^64 or 2^32
+        offset = reduce_ring(offset, self.bits)
+        return offset.astype(np.int64 if self.bits <= 62 else np.float64) + low
+
+    def dequantize_sum(self, s: np.ndarray, n: int) -> np.ndarray:
+        """Map the ring sum of ``n`` quantized vectors back to the float64 sum."""
+        return self.centred(s, n).astype(np.float64) * self.step - n * self.clip
 
 
 def quantize(

@@ -14,7 +14,7 @@ from fedguard.pipeline.base import Aggregator, ConfigurationError
 
 from .ckks_aggregator import CKKSAggregator, CKKSSettings
 from .config import SecureConfig
-from .secagg_aggregator import SecAggAggregator, SecAggSettings
+from .secagg_aggregator import SecAggAggregator, SecAggSettings, build_ring_noise
 
 register_section("secure", SecureConfig)
 
@@ -53,6 +53,7 @@ def build_secure_aggregator(ctx: BuildContext) -> Aggregator:
             min_survivors=s.min_survivors or None,
             min_clients=server.min_clients,
             seed=ctx.config.run.seed,
+            ring_noise=build_ring_noise(ctx),
         )
         _check_secagg(settings, ctx)
         return SecAggAggregator(settings)

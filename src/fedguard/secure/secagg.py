@@ -106,6 +106,7 @@ __all__ = [
     "neighbour_graph",
     "prg_ring",
     "encode_input",
+    "add_ring_noise",
     "make_parties",
     "simulate_round",
     "run_secagg_round",
@@ -211,6 +212,8 @@ class SecAggConfig(WireMessage):
         max_clients: the quantization scale is chosen so ``max_clients`` inputs cannot wrap.
         min_survivors: fewest masked inputs the server may aggregate.
         weighted: append an exact integer weight slot to each masked vector.
+        noise_headroom_bits: top bits of the ring kept free for integer noise that clients add
+            after quantization (see :class:`~fedguard.secure.quantize.Quantizer`).
     """
 
     client_ids: tuple[int, ...]
@@ -223,6 +226,7 @@ class SecAggConfig(WireMessage):
     max_clients: int = 0
     min_survivors: int = 2
     weighted: bool = False
+    noise_headroom_bits: int = 0
 
     @classmethod
     def create(
@@ -238,6 +242,7 @@ class SecAggConfig(WireMessage):
         min_survivors: int | None = None,
         weighted: bool = False,
         round_seed: bytes | None = None,
+        noise_headroom_bits: int = 0,
     ) -> SecAggConfig:
         """Fill in defaults (degree, threshold, seed, ...) and validate."""
         ids = tuple(sorted(int(i) for i in client_ids))
@@ -255,6 +260,7 @@ class SecAggConfig(WireMessage):
             max_clients=n if max_clients is None else max_clients,
             min_survivors=max(2, t) if min_survivors is None else min_survivors,
             weighted=weighted,
+            noise_headroom_bits=noise_headroom_bits,
         )
 
     def __post_init__(self) -> None:
@@ -275,12 +281,12 @@ class SecAggConfig(WireMessage):
             raise ValueError(f"max_clients={self.max_clients} is below the {n} selected clients")
         if not 1 <= self.min_survivors <= n:
             raise ValueError(f"min_survivors must lie in 1..{n}")
-        Quantizer(self.clip, self.ring_bits, self.max_clients)
+        self.quantizer  # noqa: B018  (validates clip, ring and headroom)
 
     @property
     def quantizer(self) -> Quantizer:
         """The fixed-point codec shared by all parties."""
-        return Quantizer(self.clip, self.ring_bits, self.max_clients)
+        return Quantizer(self.clip, self.ring_bits, self.max_clients, self.noise_headroom_bits)
 
     @property
     def ring_length(self) -> int:
@@ -316,6 +322,16 @@ def encode_input(
         raise ValueError(f"weighted config: weight must be an integer in 0..{config.max_weight}")
     q = config.quantizer.quantize(vec * weight, rng)
     return np.concatenate([q, np.array([weight], dtype=q.dtype)])
+
+
+def add_ring_noise(y: np.ndarray, noise: np.ndarray, bits: int) -> np.ndarray:
+    """``y + noise`` modulo ``2^bits`` on the first ``len(noise)`` coordinates (``noise`` int64)."""
+    z = np.asarray(noise)
+    if z.ndim != 1 or z.dtype != np.int64 or z.shape[0] > y.shape[0]:
+        raise ValueError(f"ring noise must be 1-D int64 of at most {y.shape[0]} values, got {z.dtype} {z.shape}")
+    out = y.copy()
+    out[: z.shape[0]] += z.astype(y.dtype)  # two's complement: a negative value wraps as it should
+    return reduce_ring(out, bits)
 
 
 # ----------------------------------------------------------------------------- messages
@@ -622,9 +638,17 @@ class SecAggClient:
         vector: np.ndarray,
         weight: int | None = None,
         rng: np.random.Generator | None = None,
+        noise: np.ndarray | None = None,
     ) -> MaskedInput:
-        """Stage 2: quantize ``vector`` (see :func:`encode_input`) and add all masks mod 2^b."""
+        """Stage 2: quantize ``vector`` (see :func:`encode_input`) and add all masks mod 2^b.
+
+        ``noise`` (int64, at most as long as the vector) is added, in quantization levels, to the
+        first coordinates after quantization and before masking (distributed discrete DP noise);
+        it wraps modulo ``2^b`` like every ring element.
+        """
         y = encode_input(self.config, vector, weight, rng)  # a bad vector fails before the stage
+        if noise is not None:
+            y = add_ring_noise(y, noise, self.config.ring_bits)
         self._enter(2, "mask_input")
         self._check_recipient(msg.recipient)
         senders = _id_list(msg.senders, "encrypted shares")

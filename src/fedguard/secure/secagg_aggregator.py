@@ -26,14 +26,27 @@ Encoding: each client sends ``w/M * update`` (``w`` its number of examples, ``M`
 ``secure.max_weight``), clipped to ``+-clip`` and quantized into ``Z_{2^ring_bits}``, plus a
 saturation slot (the fraction of its coordinates that hit the clip) and its exact integer weight
 ``w``. The server divides the unmasked sum by the weight sum: weighted FedAvg.
+
+Ring-domain client steps (distributed discrete DP): a :class:`RingNoise` in the settings runs in
+:meth:`SecAggAggregator.client_finalize` after quantization and before masking, in this order::
+
+    update -> clip to +-clip, quantize to levels 0..L -> + RingNoise.sample (int64) -> mask -> send
+
+Families install one through :data:`RING_NOISE_HOOKS` (called when the aggregator is built, on
+the server and on every client alike). The round's config keeps the top ``headroom_bits`` of the
+ring free (``L = floor((2^(b-h) - 1) / n)``); the server reads the unmasked sum as the integer
+nearest the middle of ``[0, n * L]``, so the sum of the clients' noise decodes exactly while
+``|noise sum| < 2^(b-1) - n * L / 2``, and beyond that wraps modulo ``2^b`` (modular clipping:
+choose ``ring_bits`` and ``headroom_bits`` so that this is negligible, as Kairouz et al. 2021 do).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -71,6 +84,9 @@ from .secagg import (
 )
 from .wire import WireError
 
+if TYPE_CHECKING:
+    from fedguard.builders import BuildContext
+
 SETUP, KEYS = "secagg/setup", "secagg/keys"
 SHARE, SHARES = "secagg/share_keys", "secagg/shares"
 UNMASK, UNMASKED = "secagg/unmask", "secagg/unmask_result"
@@ -81,10 +97,70 @@ _STATE_CONFIG, _STATE_CLIENT = "secagg/config/", "secagg/client/"
 
 
 @dataclass(frozen=True)
+class RingNoiseContext:
+    """What a :class:`RingNoise` may read when a client samples its noise.
+
+    Attributes:
+        client: the client's context (id, round, state); not a source of randomness: noise that
+            protects anything must come from a CSPRNG (``secrets``, ``os.urandom``).
+        config: the round's public SecAgg config (ring bits, clip, clients, headroom).
+        step: one quantization level in units of ``w/M * update`` (``2 * clip / L``).
+        levels: ``L``, the largest quantized value one client contributes.
+        weight: the client's FedAvg weight ``w``; ``max_weight`` is ``M``.
+        length: how many coordinates the noise covers (the update's, not the saturation or weight slot).
+    """
+
+    client: ClientContext
+    config: SecAggConfig
+    step: float
+    levels: int
+    weight: int
+    max_weight: int
+    length: int
+
+
+class RingNoise(Protocol):
+    """Integer noise each client adds to its quantized update inside the SecAgg ring.
+
+    The hook for distributed discrete DP (the discrete Gaussian or Skellam mechanisms of
+    Kairouz et al. 2021 and Agarwal et al. 2021): the server unmasks only the sum of the
+    clients' noisy vectors.
+    """
+
+    name: str
+    #: top bits of the ring kept free for the sum of the noise (``0 <= h < ring_bits``)
+    headroom_bits: int
+
+    def bound(self, clients: int, levels: int) -> int:
+        """Bound (in levels) on ``|sum of clients' noise|`` per coordinate that the server's range
+        check allows; it must stay below ``2^(b-1) - clients * levels / 2``."""
+        ...
+
+    def sample(self, ctx: RingNoiseContext) -> np.ndarray:
+        """This client's noise: ``ctx.length`` int64 values, in quantization levels."""
+        ...
+
+
+#: builders of the ring noise from the run's configuration (None: no noise); the first that
+#: returns one wins. A family appends to it when its config section is registered.
+RING_NOISE_HOOKS: list[Callable[[BuildContext], RingNoise | None]] = []
+
+
+def build_ring_noise(ctx: BuildContext) -> RingNoise | None:
+    """The ring noise the configuration asks for, or None."""
+    for hook in RING_NOISE_HOOKS:
+        noise = hook(ctx)
+        if noise is not None:
+            return noise
+    return None
+
+
+@dataclass(frozen=True)
 class SecAggSettings:
     """What the server needs to announce a round (from the ``[secure]`` section).
 
     ``neighbours``/``threshold``/``min_survivors`` of ``None`` take the SecAgg+ defaults.
+    ``ring_noise`` adds integer noise after quantization and before masking (see the module doc).
     """
 
     clip: float = 1.0
@@ -96,6 +172,7 @@ class SecAggSettings:
     min_survivors: int | None = None
     min_clients: int = 1
     seed: int = 0
+    ring_noise: RingNoise | None = None
 
     def round_config(self, round: int, client_ids: list[int], vector_length: int) -> SecAggConfig:
         """The public SecAggConfig of one round (update + saturation slot, weighted)."""
@@ -110,6 +187,7 @@ class SecAggSettings:
             min_survivors=self.min_survivors,
             weighted=True,
             round_seed=seed,
+            noise_headroom_bits=self.ring_noise.headroom_bits if self.ring_noise is not None else 0,
         )
         if self.min_survivors is None and self.min_clients > config.min_survivors:
             config = dataclasses.replace(config, min_survivors=min(self.min_clients, len(client_ids)))
@@ -261,13 +339,36 @@ class SecAggAggregator(Aggregator):
             raise SecAggAbort(f"client {ctx.client_id}: the fit instruction carries no secagg shares")
         config, client = _restore(ctx, 2)
         shares = from_json(EncryptedShares, spec["shares"])
-        weight = client_weight(ctx, str(spec["weighting"]), int(spec["max_weight"]))
-        vector = _encode(flatten_sorted(update), weight, int(spec["max_weight"]), config)
-        masked = client.mask_input(shares, vector, weight)
+        max_weight = int(spec["max_weight"])
+        weight = client_weight(ctx, str(spec["weighting"]), max_weight)
+        flat = flatten_sorted(update)
+        vector = _encode(flat, weight, max_weight, config)
+        noise = self._ring_noise(ctx, config, weight, max_weight, flat.numel())
+        masked = client.mask_input(shares, vector, weight, noise=noise)
         save_state(ctx.state, _STATE_CLIENT, client.export_state())
         msg = to_message(FIT_RESULT, ctx.round, ctx.client_id, masked, PREFIX)
         # the weight and training metrics would reveal per-client values: they travel masked or not at all
         return msg.tensors, {**msg.meta, "num_examples": None, "metrics": {}}
+
+
+    def _ring_noise(
+        self, ctx: ClientContext, config: SecAggConfig, weight: int, max_weight: int, length: int
+    ) -> np.ndarray | None:
+        """This client's ring noise for the update coordinates, or None without a RingNoise."""
+        noise = self.settings.ring_noise
+        if noise is None:
+            return None
+        if config.noise_headroom_bits < noise.headroom_bits:
+            raise SecAggAbort(
+                f"client {ctx.client_id}: the round keeps {config.noise_headroom_bits} ring bits free, "
+                f"{noise.name} needs {noise.headroom_bits}: refusing to add noise that could wrap"
+            )
+        q = config.quantizer
+        sample = noise.sample(RingNoiseContext(ctx, config, q.step, q.levels, weight, max_weight, length))
+        sample = np.asarray(sample)
+        if sample.shape != (length,) or sample.dtype != np.int64:
+            raise ValueError(f"{noise.name} returned {sample.dtype} {sample.shape}, expected int64 ({length},)")
+        return sample
 
 
 def _encode(update: torch.Tensor, weight: int, max_weight: int, config: SecAggConfig) -> np.ndarray:
