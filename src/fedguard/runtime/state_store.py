@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.core.state import StateStore, decode_state, encode_state
+from fedguard.durable import fsync_dir, write_private
 
 __all__ = ["DirectoryStateStore", "MemoryStateStore", "StateStore"]
 
@@ -30,11 +31,19 @@ class MemoryStateStore:
 
 
 class DirectoryStateStore:
-    """One file per client in a folder, shared by the simulation's worker processes."""
+    """One file per client in a folder, shared by the simulation's worker processes.
 
-    def __init__(self, folder: str | Path) -> None:
+    A client's state can hold secrets (SecAgg key pairs and self-mask seeds, a CKKS secret
+    key): the folder is made owner-only (0700) and each file is written 0600 and renamed into
+    place. With ``durable`` (a device's own state folder) each file is fsynced first, so a
+    crash leaves the old state or the new one; the simulation's throw-away folders skip it.
+    """
+
+    def __init__(self, folder: str | Path, durable: bool = False) -> None:
+        self.durable = durable
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.folder.chmod(0o700)
 
     def _path(self, client_id: int) -> Path:
         return self.folder / f"client-{client_id}.safetensors"
@@ -48,5 +57,7 @@ class DirectoryStateStore:
         if not state and not path.exists():
             return
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(encode_state(state))
+        write_private(tmp, encode_state(state), sync=self.durable)
         tmp.replace(path)
+        if self.durable:
+            fsync_dir(self.folder)

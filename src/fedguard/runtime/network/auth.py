@@ -20,6 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedguard.durable import write_private
+
 KEY_BYTES = 32
 #: how far a Hello's clock may be from the server's
 MAX_CLOCK_SKEW_S = 300.0
@@ -66,9 +68,7 @@ def write_key_file(path: str | Path, client_id: int, key: bytes) -> None:
     """Write a client's key file, readable by its owner only."""
     path = Path(path)
     text = json.dumps({"fedguard_client_key": 1, "client_id": client_id, "key": key.hex()})
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n")
+    write_private(path, (text + "\n").encode())
 
 
 def read_key_file(path: str | Path) -> tuple[int, bytes]:
@@ -114,9 +114,7 @@ def save_registry(path: str | Path, records: dict[int, ClientRecord]) -> None:
         "clients": {str(c): {"key": r.key.hex(), "revoked": r.revoked} for c, r in sorted(records.items())},
     }
     tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(body, indent=1) + "\n")
+    write_private(tmp, (json.dumps(body, indent=1) + "\n").encode())
     tmp.replace(path)
 
 

@@ -288,7 +288,7 @@ def build_app(opts: ClientOptions, client_id: int, welcome: pb.Welcome) -> Clien
             raise ClientSetupError(f"{opts.config} differs from the server's configuration (beyond run and network)")
     if opts.data_dir:
         config.set("data.data_dir", opts.data_dir)
-    store = DirectoryStateStore(opts.state_dir) if opts.state_dir else MemoryStateStore()
+    store = DirectoryStateStore(opts.state_dir, durable=True) if opts.state_dir else MemoryStateStore()
     if opts.data:
         app = _app_from_file(config, client_id, opts.data, welcome, store)
     else:
