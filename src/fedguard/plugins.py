@@ -6,6 +6,7 @@ hook lists in :mod:`fedguard.builders`; add one import line here per family.
 
 from __future__ import annotations
 
+import fedguard.attacks.register  # noqa: F401  ([attack] section: simulated adversaries)
 import fedguard.builders  # noqa: F401
 import fedguard.privacy.register  # noqa: F401  ([dp] section: DP-SGD, DP-FedAvg, local DP, privacy ledger)
 import fedguard.robust.register  # noqa: F401  ([robust] section: median, trimmed mean, Krum)

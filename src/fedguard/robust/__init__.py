@@ -1,1 +1,1 @@
-"""fedguard.robust: Byzantine-robust aggregation rules (median, trimmed mean, Krum) on plaintext updates."""
+"""fedguard.robust: Byzantine-robust aggregation rules and pre-aggregators on plaintext updates."""

@@ -1,100 +1,103 @@
-"""Byzantine-robust aggregation rules on plaintext updates: median, trimmed mean, (multi-)Krum.
+"""The pipeline aggregator for plaintext updates: FedAvg or a robust chain, with an optional simulated
+omniscient adversary.
 
-Each rule reads every client's update in the clear (``needs_individual_updates``), so none can
-run behind secure aggregation or encryption, where the server only learns a sum; that
-combination is refused at configuration time. The rules are unweighted: a robust rule that let a
-client claim more examples would let it claim more influence.
+Every robust rule reads each client's update in the clear (``needs_individual_updates``), so none can run
+behind secure aggregation or encryption, where the server only learns a sum; that combination is refused
+at configuration time. Robust rules are unweighted: a rule that let a client claim more examples would
+let it claim more influence.
 
-* coordinate-wise median (Yin et al. 2018): the median of each coordinate over clients;
-* coordinate-wise trimmed mean (Yin et al. 2018): per coordinate, drop the ``b`` largest and
-  ``b`` smallest values (``b = floor(beta * n)``), average the rest;
-* Krum / multi-Krum (Blanchard et al. 2017): score each update by the summed squared distances to
-  its ``n - f - 2`` nearest other updates; Krum keeps the best-scoring one, multi-Krum averages
-  the ``m`` best.
+Order within a round: collect and check the replies as FedAvg does; in simulation only, let the
+omniscient adversary replace the Byzantine clients' updates with vectors crafted from the honest ones
+(it sees them all, as the attacks of Baruch et al. 2019 or Shejwalkar and Houmansadr 2021 assume); then
+the chain (pre-aggregators, rule) or the weighted mean.
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 
-from fedguard.algorithms.fedavg import FedAvg, weighted_metrics
+from fedguard.algorithms.fedavg import FedAvg, weighted_mean, weighted_metrics
 from fedguard.messages import Message
 from fedguard.pipeline.base import AggregateResult, ServerContext
 from fedguard.runtime.base import Communicator
 from fedguard.types import Params, flatten, unflatten
 
-
-def coordinate_median(stack: torch.Tensor) -> torch.Tensor:
-    """Median over clients (dim 0) per coordinate; the mean of the two middle values for even counts."""
-    ordered = stack.sort(dim=0).values
-    n = ordered.shape[0]
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+from .defenses import Chain
 
 
-def trimmed_mean(stack: torch.Tensor, beta: float) -> torch.Tensor:
-    """Per coordinate, the mean after dropping the ``floor(beta * n)`` largest and smallest values."""
-    n = stack.shape[0]
-    b = int(beta * n)
-    if n - 2 * b < 1:
-        raise ValueError(f"trimming {b} from each end of {n} updates leaves none")
-    return stack.sort(dim=0).values[b : n - b].mean(dim=0)
+class RoundAdversary(Protocol):
+    """A server-side, simulation-only adversary that sees the round's updates before aggregation."""
+
+    def tamper(self, round: int, client_ids: list[int], stack: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The stack with the Byzantine clients' rows replaced, and figures for the round's metrics."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def krum_scores(stack: torch.Tensor, byzantine: int) -> torch.Tensor:
-    """Krum score of each update: summed squared distances to its ``n - f - 2`` nearest others."""
-    n = stack.shape[0]
-    k = n - byzantine - 2
-    if k < 1:
-        raise ValueError(f"Krum needs n > f + 2 updates (n={n}, f={byzantine})")
-    dists = torch.cdist(stack.double(), stack.double()).pow(2)
-    dists.fill_diagonal_(float("inf"))
-    return dists.topk(k, dim=1, largest=False).values.sum(dim=1)
-
-
-def multi_krum(stack: torch.Tensor, byzantine: int, keep: int) -> tuple[torch.Tensor, list[int]]:
-    """The mean of the ``keep`` best-scoring updates (``keep=1``: Krum), and their row indices."""
-    scores = krum_scores(stack, byzantine)
-    chosen = sorted(scores.argsort()[: max(1, keep)].tolist())
-    return stack[chosen].mean(dim=0), chosen
+def stack_updates(updates: list[Params]) -> tuple[torch.Tensor, Params]:
+    """Updates as rows of one float32 matrix, flattened in the first update's name order, and that order."""
+    like = updates[0]  # every update is flattened in this one name order (dict orders may differ)
+    return torch.stack([flatten({k: u[k] for k in like}).float() for u in updates]), like
 
 
 class RobustAggregator(FedAvg):
-    """A robust rule over the plaintext updates collected as FedAvg collects them."""
+    """FedAvg (``chain=None``, weighted as configured) or a robust chain over the plaintext updates."""
 
-    needs_individual_updates = True
+    def __init__(self, chain: Chain | None = None, weighting: str = "examples",
+                 adversary: RoundAdversary | None = None) -> None:
+        super().__init__("uniform" if chain is not None else weighting)
+        self.chain, self.adversary = chain, adversary
+        self.name = chain.name if chain is not None else "fedavg"
+        self.needs_individual_updates = chain is not None or adversary is not None
 
-    def __init__(self, rule: str, trim_fraction: float = 0.1, byzantine: int = 1, keep: int = 0) -> None:
-        super().__init__("uniform")
-        if rule not in ("median", "trimmed-mean", "krum", "multi-krum"):
-            raise ValueError(f"unknown robust rule {rule!r}")
-        self.rule, self.trim_fraction, self.byzantine, self.keep = rule, trim_fraction, byzantine, keep
-        self.name = rule
-
-    def combine(self, updates: list[Params]) -> tuple[Params, list[int]]:
-        """The robust aggregate of ``updates`` and the indices of the updates it kept."""
-        like = updates[0]  # every update is flattened in this one name order (dict orders may differ)
-        stack = torch.stack([flatten({k: u[k] for k in like}).float() for u in updates])
-        kept = list(range(len(updates)))
-        if self.rule == "median":
-            vector = coordinate_median(stack)
-        elif self.rule == "trimmed-mean":
-            vector = trimmed_mean(stack, self.trim_fraction)
-        else:
-            keep = 1 if self.rule == "krum" else (self.keep or len(updates) - self.byzantine)
-            vector, kept = multi_krum(stack, self.byzantine, keep)
-        return unflatten(vector, like), kept
+    def combine(
+        self, updates: list[Params], weights: list[float] | None = None, params: Params | None = None
+    ) -> tuple[Params, dict[str, float]]:
+        """The chain's aggregate of ``updates`` (or their weighted mean without a chain), and its figures;
+        ``params`` is the round's global model (FLTrust trains its own update from it)."""
+        if self.chain is None:
+            return weighted_mean(updates, weights or [1.0] * len(updates)), {}
+        stack, like = stack_updates(updates)
+        self.chain.rule.begin_round(params if params is not None else {}, list(like))
+        vector, figures = self.chain(stack)
+        self.chain.rule.observe(vector)
+        return unflatten(vector, like), figures
 
     def aggregate(
         self, comm: Communicator, round: int, fit_messages: dict[int, Message], like: Params, ctx: ServerContext
     ) -> AggregateResult:
-        """Collect the plaintext updates, then apply the rule (aborting when too few arrived)."""
+        """Collect the plaintext updates, let the simulated adversary tamper, then apply the rule (aborting
+        the round, model unchanged, when the rule cannot work on what arrived)."""
         completed, updates, weights, replies, failed = self.collect(comm, round, fit_messages, like, ctx)
         if not updates:
             return AggregateResult(None, [], failed, aborted="no client returned a usable update")
+        metrics: dict[str, float] = {}
+        if self.adversary is not None:
+            stack, order = stack_updates(updates)
+            stack, metrics = self.adversary.tamper(round, completed, stack)
+            updates = [unflatten(row, order) for row in stack]
         try:
-            delta, kept = self.combine(updates)
+            delta, figures = self.combine(updates, weights, like)
         except ValueError as exc:
-            return AggregateResult(None, completed, failed, aborted=f"robust rule {self.rule}: {exc}")
-        metrics = weighted_metrics(replies, weights)
-        metrics["robust_kept"] = float(len(kept))
-        return AggregateResult(delta, completed, failed, float(len(updates)), metrics, replies)
+            return AggregateResult(None, completed, failed, aborted=f"robust rule {self.name}: {exc}")
+        metrics = {**weighted_metrics(replies, weights), **metrics, **figures}
+        return AggregateResult(delta, completed, failed, float(sum(weights)), metrics, replies)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's and the adversary's state (centered clipping's centre, Mimic's estimate)."""
+        return {
+            "rule": self.chain.rule.state_dict() if self.chain is not None else {},
+            "adversary": self.adversary.state_dict() if self.adversary is not None else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        if self.chain is not None:
+            self.chain.rule.load_state_dict(state.get("rule", {}))
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state.get("adversary", {}))

@@ -1,0 +1,1 @@
+"""fedguard.attacks: simulated adversaries (data poisoning, model poisoning, omniscient colluding attacks)."""

@@ -1,0 +1,122 @@
+"""Attacks as functions, against the papers' formulas: model poisoning over update vectors, data poisoning
+over images and labels."""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import pytest
+import torch
+
+from fedguard.attacks import data as poison
+from fedguard.attacks import vectors as atk
+from fedguard.data.arrays import ArrayDataset
+from fedguard.robust import rules
+
+
+def _honest(n: int = 12, d: int = 40, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64) * 0.5 + 0.2
+
+
+def test_non_omniscient_model_poisoning() -> None:
+    u = torch.tensor([1.0, -2.0, 3.0])
+    assert torch.equal(atk.sign_flip(u), -u)
+    assert torch.equal(atk.scale(u, 10.0), 10 * u)
+    assert atk.model_replacement_boost(50, 1) == 50.0 and atk.model_replacement_boost(50, 5, 0.5) == 20.0
+    noise = atk.gaussian(torch.zeros(50000), 2.0, torch.Generator().manual_seed(0))
+    assert abs(float(noise.std()) - 2.0) < 0.05 and abs(float(noise.mean())) < 0.05
+
+
+def test_alie_uses_baruch_et_al_z_and_the_honest_mean_and_std() -> None:
+    # s = floor(50/2 + 1) - 10 = 16 supporters, z = Phi^-1((50 - 16) / 50)
+    assert atk.alie_z(50, 10) == pytest.approx(NormalDist().inv_cdf(34 / 50))
+    assert atk.alie_z(50, 10) == pytest.approx(0.4677, abs=1e-4)
+    h = _honest()
+    v = atk.alie(h, 1.5)
+    assert torch.allclose(v, h.mean(0) + 1.5 * h.std(0, unbiased=True))
+    with pytest.raises(ValueError, match="undefined"):
+        atk.alie_z(10, 6)
+
+
+def test_ipm_reverses_the_mean_when_f_epsilon_exceeds_n_minus_f() -> None:
+    h = _honest()
+    v = atk.ipm(h, 0.1)
+    assert torch.allclose(v, -0.1 * h.mean(0))
+    true = h.mean(0)
+    f, honest_n = 4, h.shape[0]  # n - f = 12 honest rows
+    for eps, sign in ((0.1, 1), (2 * honest_n / f, -1)):
+        agg = rules.mean(torch.cat([h, atk.ipm(h, eps).repeat(f, 1)]))
+        assert sign * float(agg @ true) > 0
+
+
+@pytest.mark.parametrize("perturbation", ["std", "unit-vec", "sign"])
+def test_min_max_takes_the_largest_gamma_within_the_honest_diameter(perturbation: str) -> None:
+    h = _honest()
+    v = atk.min_max(h, perturbation)
+    mu = h.mean(0)
+    diameter = float(torch.cdist(h, h).max())
+    assert float((h - v).norm(dim=1).max()) <= diameter + 1e-9
+    p = {"std": h.std(0, unbiased=True), "unit-vec": mu / mu.norm(), "sign": mu.sign()}[perturbation]
+    gamma = float(((mu - v) @ p) / (p @ p))
+    assert torch.allclose(v, mu - gamma * p)
+    assert gamma > 0 and float((h - (mu - (gamma + 1e-3) * p)).norm(dim=1).max()) > diameter  # maximal
+
+
+def test_min_sum_scores_no_worse_than_the_best_honest_update() -> None:
+    h = _honest()
+    v = atk.min_sum(h)
+    sums = torch.cdist(h, h).pow(2).sum(dim=1)
+    assert float((h - v).pow(2).sum()) <= float(sums.min()) + 1e-9
+    mu, p = h.mean(0), h.std(0, unbiased=True)
+    gamma = float(((mu - v) @ p) / (p @ p))
+    assert float((h - (mu - (gamma + 1e-3) * p)).pow(2).sum()) > float(sums.min())
+    with pytest.raises(ValueError, match="perturbation"):
+        atk.min_sum(h, "zipf")
+
+
+def test_min_max_update_is_chosen_by_krum_over_honest_ones() -> None:
+    h = _honest(20)
+    f = 5
+    stack = torch.cat([h, atk.min_sum(h).repeat(f, 1)])
+    _, kept = rules.krum(stack, f)
+    assert kept[0] >= 20  # the attack hides as the most central update: it was built to
+
+
+def test_mimic_copies_the_honest_client_farthest_along_the_main_direction() -> None:
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 30, generator=gen, dtype=torch.float64) * 0.01
+    h[:, 0] += torch.linspace(-1, 1, 10, dtype=torch.float64)  # most variance along coordinate 0
+    ids = list(range(100, 110))
+    mimic = atk.Mimic(warmup=2)
+    for _ in range(3):
+        v = mimic(h, ids, torch.Generator().manual_seed(1))
+    assert mimic.target in (100, 109) and torch.equal(v, h[ids.index(mimic.target)])
+    shuffled = [ids[i] for i in reversed(range(10))]
+    v = mimic(h.flip(0), shuffled, torch.Generator().manual_seed(1))
+    assert torch.equal(v, h[ids.index(mimic.target)])  # the target is a client, not a row position
+
+
+def test_label_flipping_and_the_badnets_trigger() -> None:
+    assert torch.equal(poison.flip_labels(torch.tensor([0, 3, 9]), 10), torch.tensor([9, 6, 0]))
+    x = torch.zeros(2, 1, 28, 28)
+    t = poison.Trigger(size=3, value=1.0, margin=1)
+    stamped = t.apply(x)
+    assert float(stamped.sum()) == 2 * 9 and torch.equal(stamped[0, 0, 24:27, 24:27], torch.ones(3, 3))
+    assert float(x.sum()) == 0.0  # the input is not modified
+    with pytest.raises(ValueError, match="does not fit"):
+        poison.Trigger(size=30).apply(x)
+
+
+def test_backdoor_poisoning_and_the_triggered_test_set() -> None:
+    gen = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.rand(100, 1, 28, 28) * 0.5, torch.randint(0, 10, (100,), generator=gen))
+    t = poison.Trigger()
+    poisoned = poison.poison_backdoor(data, t, target=7, fraction=0.3, generator=gen)
+    stamped = (poisoned.x[:, 0, 24:27, 24:27] == 1.0).flatten(1).all(dim=1)
+    assert int(stamped.sum()) == 30 and bool((poisoned.y[stamped] == 7).all())
+    assert torch.equal(poisoned.x[~stamped], data.x[~stamped]) and torch.equal(poisoned.y[~stamped], data.y[~stamped])
+    test = poison.triggered_test_set(data, t, 7)
+    assert len(test) == int((data.y != 7).sum()) and bool((test.y == 7).all())
+    flipped = poison.flip_dataset(data, 10)
+    assert torch.equal(flipped.y, 9 - data.y)
