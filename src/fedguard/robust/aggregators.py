@@ -14,6 +14,7 @@ the chain (pre-aggregators, rule) or the weighted mean.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Protocol
 
 import torch
@@ -81,10 +82,12 @@ class RobustAggregator(FedAvg):
             stack, order = stack_updates(updates)
             stack, metrics = self.adversary.tamper(round, completed, stack)
             updates = [unflatten(row, order) for row in stack]
+        t0 = time.perf_counter()
         try:
             delta, figures = self.combine(updates, weights, like)
         except ValueError as exc:
             return AggregateResult(None, completed, failed, aborted=f"robust rule {self.name}: {exc}")
+        figures["aggregation_s"] = time.perf_counter() - t0
         metrics = {**weighted_metrics(replies, weights), **metrics, **figures}
         return AggregateResult(delta, completed, failed, float(sum(weights)), metrics, replies)
 

@@ -53,8 +53,9 @@ def trimmed_mean(stack: torch.Tensor, f: int) -> torch.Tensor:
 
 
 def squared_distances(stack: torch.Tensor) -> torch.Tensor:
-    """The ``(n, n)`` matrix of squared Euclidean distances between rows, computed in float64."""
-    s = stack.double()
+    """The ``(n, n)`` matrix of squared Euclidean distances between rows, by one matrix product (in the
+    stack's dtype, after centring the rows, which keeps the Gram identity's cancellation small)."""
+    s = stack - stack.mean(dim=0)
     sq = (s * s).sum(dim=1)
     d = sq[:, None] + sq[None, :] - 2.0 * (s @ s.T)
     d.clamp_(min=0.0)
@@ -212,12 +213,14 @@ def norm_bound(
 
 def nearest_neighbor_mixing(stack: torch.Tensor, f: int) -> torch.Tensor:
     """Nearest-neighbour mixing, NNM (Allouah et al. 2023): each row replaced by the mean of its
-    ``n - f`` nearest rows (itself included). Needs ``n > f``."""
+    ``n - f`` nearest rows (itself included). Needs ``n > f``. One ``(n, n)`` mixing matrix times the stack."""
     n = _check(stack)
     if f < 0 or n <= f:
         raise ValueError(f"NNM needs n > f (n={n}, f={f})")
     nearest = squared_distances(stack).topk(n - f, dim=1, largest=False).indices
-    return stack[nearest].mean(dim=1)
+    mixing = torch.zeros(n, n, dtype=stack.dtype)
+    mixing.scatter_(1, nearest, 1.0 / (n - f))
+    return mixing @ stack
 
 
 def bucketing(stack: torch.Tensor, bucket_size: int, generator: torch.Generator) -> torch.Tensor:
