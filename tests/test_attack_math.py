@@ -120,3 +120,51 @@ def test_backdoor_poisoning_and_the_triggered_test_set() -> None:
     assert len(test) == int((data.y != 7).sum()) and bool((test.y == 7).all())
     flipped = poison.flip_dataset(data, 10)
     assert torch.equal(flipped.y, 9 - data.y)
+
+
+def test_hostile_client_poisons_only_its_own_data_and_update() -> None:
+    from fedguard.attacks.adversary import HostileClient
+    from fedguard.attacks.config import AttackConfig
+
+    gen = torch.Generator().manual_seed(0)
+    data = ArrayDataset(torch.rand(40, 1, 28, 28) * 0.5, torch.randint(0, 10, (40,), generator=gen), "client-3")
+    update = {"w": torch.ones(3)}
+    flipper = HostileClient(AttackConfig(name="label-flip", start_round=2), frozenset({3}), 10)
+    assert not flipper.active(3, 1) and flipper.active(3, 2) and not flipper.active(4, 5)
+    assert torch.equal(flipper.local_data(3, data).y, 9 - data.y) and flipper.trains()
+    scaler = HostileClient(AttackConfig(name="scaling", poison_fraction=0.25), frozenset({3}), 10, boost=10.0)
+    poisoned = scaler.local_data(3, data)
+    assert int((poisoned.y != data.y).sum()) <= 10 and poisoned is scaler.local_data(3, data)  # poisoned once
+    assert torch.equal(scaler.update(update, gen)["w"], torch.full((3,), 10.0))
+    noise = HostileClient(AttackConfig(name="gaussian", gaussian_sigma=2.0), frozenset({3}), 10)
+    assert not noise.trains() and noise.update(update, gen)["w"].shape == (3,)
+    omni = HostileClient(AttackConfig(name="alie"), frozenset({3}), 10)
+    assert not omni.trains() and torch.equal(omni.update(update, gen)["w"], torch.zeros(3))
+
+
+def test_backdoor_evaluation_reports_the_attack_success_rate() -> None:
+    from torch import nn
+
+    from fedguard.attacks.evaluation import BackdoorEvaluation
+    from fedguard.tasks.classification import ClassificationTask
+
+    class CornerDetector(nn.Module):
+        """Class 0 when the bottom-right 3x3 patch is bright, else the true class is unknown: class 5."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bright = (x[:, 0, 24:27, 24:27].mean(dim=(1, 2)) > 0.99).float()
+            logits = torch.zeros(x.shape[0], 10) + self.bias
+            logits[:, 0] += 10 * bright
+            logits[:, 5] += 5
+            return logits
+
+    task = BackdoorEvaluation(ClassificationTask(CornerDetector), poison.Trigger(), target=0)
+    model = task.build_model()
+    params = dict(model.named_parameters())
+    test = ArrayDataset(torch.rand(30, 1, 28, 28) * 0.5, torch.tensor([0, 5, 7] * 10))
+    metrics = task.evaluate(model, params, test)
+    assert metrics["accuracy"] == pytest.approx(1 / 3) and metrics["attack_success_rate"] == 1.0

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
+from fedguard.core.communicator import client_generator
+from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
-from fedguard.runtime.base import client_generator
-from fedguard.types import Params
 
 from . import data as poison
 from . import vectors

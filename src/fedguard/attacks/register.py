@@ -13,8 +13,8 @@ from typing import Any
 
 from fedguard.builders import PIPELINE_HOOKS, BuildContext, PipelineParts
 from fedguard.config import register_section
-from fedguard.pipeline.base import ClientContext, ClientStep, ConfigurationError
-from fedguard.types import Params
+from fedguard.core.pipeline import ClientContext, ClientStep, ConfigurationError
+from fedguard.core.types import Params
 
 from . import vectors
 from .adversary import HostileClient, OmniscientAdversary

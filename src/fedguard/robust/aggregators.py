@@ -20,10 +20,10 @@ from typing import Any, Protocol
 import torch
 
 from fedguard.algorithms.fedavg import FedAvg, weighted_mean, weighted_metrics
-from fedguard.messages import Message
-from fedguard.pipeline.base import AggregateResult, ServerContext
-from fedguard.runtime.base import Communicator
-from fedguard.types import Params, flatten, unflatten
+from fedguard.core.communicator import Communicator
+from fedguard.core.messages import Message
+from fedguard.core.pipeline import AggregateResult, ServerContext
+from fedguard.core.types import Params, flatten, unflatten
 
 from .defenses import Chain
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fedguard.builders import PIPELINE_HOOKS, BuildContext, PipelineParts
 from fedguard.config import option, register_section
-from fedguard.pipeline.base import ConfigurationError
+from fedguard.core.pipeline import ConfigurationError
 from fedguard.secure.register import refusal
 
 from .aggregators import RobustAggregator

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
+from fedguard.core.communicator import client_generator
+from fedguard.core.pipeline import ConfigurationError
+from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
-from fedguard.pipeline.base import ConfigurationError
-from fedguard.runtime.base import client_generator
 from fedguard.tasks.base import Task
-from fedguard.types import Params
 
 from .defenses import FLTrust
 
