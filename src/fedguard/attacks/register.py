@@ -84,3 +84,15 @@ def _attack_hook(parts: PipelineParts, ctx: BuildContext) -> None:
 
 
 PIPELINE_HOOKS.append(_attack_hook)
+
+
+def refuse_outside_simulation(config: Any) -> None:
+    """Refuse an omniscient attack in a run whose clients are real processes (the network runtime): no
+    real adversary sees the other clients' updates, and the server must not play one."""
+    a = getattr(config, "attack", None)
+    if a is not None and a.name in OMNISCIENT_ATTACKS:
+        raise ConfigurationError(
+            f"attack.name={a.name} is a simulated omniscient attack (the simulated server hands the adversary "
+            "every honest update); it cannot run with real clients. Run it in the simulation, or give a hostile "
+            "client a client-side attack (label-flip, backdoor, scaling, sign-flip, gaussian) in its own [attack]"
+        )

@@ -67,6 +67,8 @@ class RobustAggregator(FedAvg):
         self.chain.rule.begin_round(params if params is not None else {}, list(like))
         vector, figures = self.chain(stack)
         self.chain.rule.observe(vector)
+        # the scale a norm bound or clipping radius is chosen against
+        figures["update_norm_median"] = float(stack.norm(dim=1).median())
         return unflatten(vector, like), figures
 
     def aggregate(
