@@ -4,8 +4,15 @@ at 50 and 1,000 clients).
 
 Workload (issue 16): MNIST, CNN-S, 50 clients by label-Dirichlet 0.5, all of them every round, 10 Byzantine
 (20%); the backdoor rows use 5 (10%). Every cell trains on the same subset of the MNIST training set (the
-first ``TRAIN_EXAMPLES`` images); the validation split (images 55,000-59,999) and FLTrust's root dataset
-(images 50,000-50,099) are held out of it, and the test set is only read for the final figures.
+first ``TRAIN_EXAMPLES`` images), each client taking 10 local steps of 8 examples per round (4,000 examples a
+round in all: what lets the whole matrix fit an hour on two cores); the validation split (images
+55,000-59,999) and FLTrust's root dataset (images 50,000-50,099) are held out of it, and the test set is only
+read for the final figures.
+
+Training hyper-parameters were chosen on the validation split with FedAvg and no attack (20 rounds):
+10,000 images and 10 steps with server momentum 0.9 reached 96.4%; without server momentum 95.7%; local lr
+0.1 93.4% at round 15 (stopped); 20,000 images and 12 steps 95.7%; a cosine schedule 95.0%; 4,000 images,
+one epoch of batch 8, 95.6% at 25 rounds.
 
 Cells run in forked worker processes, one torch thread each, clients in-process: start-up is paid once, the
 data is shared by fork, and results come back as JSON files (no pickle). Each cell's wall and CPU seconds are
@@ -42,7 +49,7 @@ from fedguard.tasks.models import cnn_s
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "robust"
 
-TRAIN_EXAMPLES = 5000
+TRAIN_EXAMPLES = 10000
 ROUNDS = 20
 BYZANTINE = 10
 BACKDOOR_ATTACKERS = 5
@@ -57,6 +64,7 @@ WORKLOAD = {
     "task.model": "cnn-s",
     "server.fraction": 1.0,
     "train.epochs": 1,
+    "train.max_steps": 10,
     "train.batch_size": 8,
     "train.lr": 0.05,
     "train.momentum": 0.9,
@@ -231,8 +239,8 @@ def _tuned() -> dict[str, float]:
     return dict(TUNED)
 
 
-QUICK_ATTACKS = ("none", "sign-flip", "alie", "mimic")
-QUICK_DEFENSES = ("fedavg", "median", "krum", "centered-clipping", "fltrust", "norm-bound", "nnm+trimmed-mean")
+QUICK_ATTACKS = ("none", "sign-flip", "alie")
+QUICK_DEFENSES = ("fedavg", "krum", "fltrust", "nnm+trimmed-mean")
 
 
 def _matrix_cells(data: Data, tuned: dict[str, float], quick: bool) -> list[Cell]:
@@ -248,7 +256,7 @@ def _matrix_cells(data: Data, tuned: dict[str, float], quick: bool) -> list[Cell
                 over["robust.byzantine"] = f_matrix
             cells.append(Cell(f"{attack}__{defense}", over, attack, defense))
     for defense, d in backdoor_defenses(tuned, data.root_file).items():
-        if quick and defense not in ("fedavg", "norm-bound", "norm-bound+dp"):
+        if quick and defense not in ("fedavg", "norm-bound+dp"):
             continue
         over = {**BACKDOOR, "attack.count": f_backdoor, **d}
         if "robust.byzantine" in over:
@@ -398,7 +406,7 @@ def bench_tune(args: argparse.Namespace) -> dict[str, Any]:
 # -- the rules' own cost ---------------------------------------------------------------------------
 
 
-def _chain_seconds(name: str, stack: torch.Tensor, f: int, repeats: int) -> list[float]:
+def _chain_seconds(name: str, stack: torch.Tensor, f: int, repeats: int) -> tuple[list[float], list[float]]:
     d = stack.shape[1]
     center = torch.zeros(d)
     fns = {
@@ -416,12 +424,13 @@ def _chain_seconds(name: str, stack: torch.Tensor, f: int, repeats: int) -> list
         "bucketing+centered-clipping": lambda s: rules.centered_clipping(
             rules.bucketing(s, 2, secure_generator()), center, 1.0),
     }
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fns[name](stack)
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 def bench_cost(args: argparse.Namespace) -> dict[str, Any]:
@@ -438,14 +447,16 @@ def bench_cost(args: argparse.Namespace) -> dict[str, Any]:
         repeats = 5 if n <= 200 else 3
         for name in ("fedavg", "median", "trimmed-mean", "krum", "multi-krum", "bulyan", "geometric-median",
                      "centered-clipping", "fltrust", "norm-bound", "nnm+trimmed-mean", "bucketing+centered-clipping"):
-            t = _chain_seconds(name, stack, f, repeats)
+            t, cpu = _chain_seconds(name, stack, f, repeats)
             out["seconds"].setdefault(name, {})[str(n)] = {"median": round(statistics.median(t), 4),
-                                                          "min": round(min(t), 4), "max": round(max(t), 4)}
-    small, big = str(sizes[0]), str(sizes[1])
-    krum = out["seconds"]["krum"]
+                                                          "min": round(min(t), 4), "max": round(max(t), 4),
+                                                          "cpu_median": round(statistics.median(cpu), 4)}
+    small = str(sizes[0])
     growth = (sizes[1] / sizes[0]) ** 2
-    out["krum_n2d_extrapolated_s"] = round(krum[small]["median"] * growth, 3)
-    out["krum_measured_s"] = krum[big]["median"]
+    out["n2d_extrapolated_s"] = {r: round(out["seconds"][r][small]["cpu_median"] * growth, 3)
+                                 for r in ("krum", "multi-krum", "bulyan", "nnm+trimmed-mean")}
+    out["ratio_to_fedavg"] = {r: {n: round(v[n]["cpu_median"] / max(out["seconds"]["fedavg"][n]["cpu_median"], 1e-6), 1)
+                                  for n in v} for r, v in out["seconds"].items()}
     return out
 
 

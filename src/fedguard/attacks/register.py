@@ -76,11 +76,15 @@ class AttackStep(ClientStep):
         return {"attack": self.hostile.name, "byzantine": sorted(self.hostile.byzantine)}
 
 
-def _attack_hook(parts: PipelineParts, ctx: BuildContext) -> None:
-    """Put the attack step first among the client steps (before clipping, noise and masking)."""
+def attack_client_steps(ctx: BuildContext) -> list[ClientStep]:
+    """The client steps of the configured attack: to run first, before clipping, noise and masking."""
     hostile = hostile_client(ctx)
-    if hostile is not None:
-        parts.client_steps.insert(0, AttackStep(hostile))
+    return [AttackStep(hostile)] if hostile is not None else []
+
+
+def _attack_hook(parts: PipelineParts, ctx: BuildContext) -> None:
+    """Put the attack's steps first among the client steps."""
+    parts.client_steps[:0] = attack_client_steps(ctx)
 
 
 PIPELINE_HOOKS.append(_attack_hook)

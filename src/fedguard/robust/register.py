@@ -145,25 +145,34 @@ def build_chain(ctx: BuildContext) -> Chain | None:
     return chain
 
 
-def _robust_hook(parts: PipelineParts, ctx: BuildContext) -> None:
-    """Install the robust chain and/or the simulated omniscient adversary; refuse them next to secure
-    aggregation or encryption."""
+def robust_aggregator(ctx: BuildContext) -> RobustAggregator | None:
+    """The plaintext aggregator for ``[robust]`` and the simulated omniscient adversary of ``[attack]``
+    (None when neither is configured: plain FedAvg)."""
     from fedguard.attacks.register import omniscient_adversary
 
     r = ctx.config.robust
     adversary = omniscient_adversary(ctx)
     if r.rule == "none" and not r.pre and adversary is None:
+        return None
+    return RobustAggregator(build_chain(ctx), ctx.config.server.weighting, adversary)
+
+
+def _robust_hook(parts: PipelineParts, ctx: BuildContext) -> None:
+    """Install :func:`robust_aggregator`; refuse it next to secure aggregation or encryption."""
+    aggregator = robust_aggregator(ctx)
+    if aggregator is None:
         return
+    r = ctx.config.robust
     mode = getattr(getattr(ctx.config, "secure", None), "mode", "none")
     if mode != "none" or parts.aggregator.hides_individual_updates:
-        if r.rule == "none" and adversary is not None:
+        if r.rule == "none":
             raise ConfigurationError(
                 f"attack.name={ctx.config.attack.name} is a simulated omniscient attack: the server hands the "
                 f"adversary every plaintext update, which secure.mode={mode} hides. Use secure.mode=none, or a "
                 "client-side attack (label-flip, backdoor, scaling, sign-flip, gaussian)."
             )
         raise refusal(mode, r.rule)
-    parts.aggregator = RobustAggregator(build_chain(ctx), ctx.config.server.weighting, adversary)
+    parts.aggregator = aggregator
 
 
 PIPELINE_HOOKS.append(_robust_hook)
