@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +32,7 @@ from fedguard.algorithms.sampling import ClientSampler, parse_schedule
 from fedguard.checkpoint import load_state, save_state
 from fedguard.config import Config
 from fedguard.data.arrays import ArrayDataset
-from fedguard.data.partition import label_matrix, partition, train_test_split_per_client
+from fedguard.data.partition import Partition, label_matrix, partition, train_test_split_per_client
 from fedguard.data.registry import load_dataset
 from fedguard.engine import Server
 from fedguard.pipeline.base import ConfigurationError
@@ -95,18 +95,19 @@ class Setup:
     config: Config
     train: ArrayDataset
     test: ArrayDataset
-    parts: list[np.ndarray]
+    #: each client's example indices, compact (two arrays whatever the number of clients)
+    parts: Partition
     task: Task
     model: nn.Module
     sampler: ClientSampler
     trainer: Any
     pipeline: Any
     #: each client's local test indices (empty without data.client_test_fraction)
-    local_test: list[np.ndarray] = field(default_factory=list)
+    local_test: Partition | list[np.ndarray] = field(default_factory=list)
 
     def make_client(self, cid: int, store: Any) -> ClientApp:
         """Client ``cid`` with its own slice of the data."""
-        local_test = self.train.subset(self.local_test[cid], f"client-{cid}-test") if self.local_test else None
+        local_test = self.train.subset(self.local_test[cid], f"client-{cid}-test") if len(self.local_test) else None
         return ClientApp(
             cid,
             self.task,
@@ -151,7 +152,7 @@ class Experiment:
         task: Task | None = None,
         train: ArrayDataset | Dataset | None = None,
         test: ArrayDataset | Dataset | None = None,
-        partitions: list[np.ndarray] | None = None,
+        partitions: Sequence[np.ndarray] | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config or Config()
@@ -196,10 +197,10 @@ class Experiment:
             train = train.subset(np.arange(n), train.name)
         return train, test
 
-    def make_partitions(self, train: ArrayDataset) -> list[np.ndarray]:
+    def make_partitions(self, train: ArrayDataset) -> Partition:
         """Each client's example indices."""
         if self.partitions is not None:
-            parts = [np.asarray(p, dtype=np.int64) for p in self.partitions]
+            parts = Partition.from_parts(self.partitions)
             if self.config.data.num_clients != len(parts):
                 self.config.set("data.num_clients", len(parts))
             return parts
@@ -244,16 +245,17 @@ class Experiment:
         cfg = self.config
         train, test = self.load_data()
         parts = self.make_partitions(train)
-        empty = [i for i, p in enumerate(parts) if len(p) == 0]
-        if empty:
-            raise ConfigurationError(f"clients {empty[:5]} got no examples; use fewer clients or a larger alpha")
-        local_test: list[np.ndarray] = []
+        empty = np.flatnonzero(parts.sizes() == 0)
+        if empty.size:
+            raise ConfigurationError(f"clients {empty[:5].tolist()} got no examples (every client in the population "
+                                     "holds at least one); use fewer clients or a larger alpha")
+        local_test: Partition | list[np.ndarray] = []
         if cfg.data.client_test_fraction > 0:
             parts, local_test = train_test_split_per_client(parts, cfg.data.client_test_fraction, cfg.run.seed)
         task = self.user_task or builders.build_task(cfg, train)
         model = builders.seeded_model(task, cfg.run.seed)
         sampler = self.make_sampler()
-        bctx = builders.BuildContext(cfg, train, [len(p) for p in parts], sampler, task, self.log)
+        bctx = builders.BuildContext(cfg, train, parts.sizes().tolist(), sampler, task, self.log)
         trainer = builders.build_trainer(bctx)
         pipeline = builders.build_pipeline(bctx)
         return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline, local_test)
@@ -476,13 +478,13 @@ class Experiment:
             path, i = Path(f"{base}-{i}"), i + 1
         return path
 
-    def _write_partition(self, run_dir: Path, train: ArrayDataset, parts: list[np.ndarray]) -> None:
+    def _write_partition(self, run_dir: Path, train: ArrayDataset, parts: Partition) -> None:
         classes = max(train.num_classes, 1)
         matrix = label_matrix(train.labels, parts, classes)
         (run_dir / "plots").mkdir(exist_ok=True)
         plot_label_heatmap(matrix, run_dir / "plots" / "partition.png")
         (run_dir / "partition.json").write_text(
-            json.dumps({"sizes": [len(p) for p in parts], "label_counts": matrix.tolist()})
+            json.dumps({"sizes": parts.sizes().tolist(), "label_counts": matrix.tolist()})
         )
 
 

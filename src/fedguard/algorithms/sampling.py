@@ -47,9 +47,18 @@ class ClientSampler:
 
     def available(self, round: int) -> list[int]:
         """Clients that can be sampled in ``round``."""
-        return [
-            c for c in range(self.population) if self.join.get(c, 0) <= round and self.leave.get(c, round + 1) > round
-        ]
+        return self.available_ids(round).tolist()
+
+    def available_ids(self, round: int) -> np.ndarray:
+        """Clients that can be sampled in ``round``, as one int64 array (no object per client)."""
+        mask = np.ones(self.population, dtype=bool)
+        for cid, first in self.join.items():
+            if first > round:
+                mask[cid] = False
+        for cid, gone in self.leave.items():
+            if gone <= round:
+                mask[cid] = False
+        return np.flatnonzero(mask) if (self.join or self.leave) else np.arange(self.population, dtype=np.int64)
 
     def per_round(self, available: int) -> int:
         """How many clients a round with ``available`` clients samples."""
@@ -58,15 +67,15 @@ class ClientSampler:
 
     def sample(self, round: int) -> list[int]:
         """Sorted ids of the clients sampled in ``round``."""
-        pool = self.available(round)
+        pool = self.available_ids(round)
         if self.poisson:
-            keep = np.random.default_rng([self.seed, round]).random(len(pool)) < self.sampling_rate
-            return [c for c, kept in zip(pool, keep, strict=True) if kept]
-        k = self.per_round(len(pool))
-        if k == len(pool):
-            return pool
+            keep = np.random.default_rng([self.seed, round]).random(pool.size) < self.sampling_rate
+            return pool[keep].tolist()
+        k = self.per_round(pool.size)
+        if k == pool.size:
+            return pool.tolist()
         rng = np.random.default_rng([self.seed, round])
-        return sorted(int(c) for c in rng.choice(pool, size=k, replace=False))
+        return np.sort(rng.choice(pool, size=k, replace=False)).tolist()
 
     @property
     def sampling_rate(self) -> float:

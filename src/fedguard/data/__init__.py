@@ -2,6 +2,7 @@
 
 from fedguard.data.arrays import ArrayDataset
 from fedguard.data.partition import (
+    Partition,
     describe_partition,
     dirichlet,
     iid,
@@ -23,6 +24,7 @@ __all__ = [
     "ArrayDataset",
     "ChecksumMismatchError",
     "DatasetNotFoundError",
+    "Partition",
     "dataset_names",
     "describe_partition",
     "dirichlet",

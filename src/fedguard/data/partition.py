@@ -4,18 +4,94 @@ Every partitioner takes the label array, returns one sorted ``np.ndarray`` of ex
 per client, and is reproducible: it draws only from ``np.random.default_rng(seed)``, in the
 order its docstring gives, so the same (labels, parameters, seed) always give the same split.
 The parts are disjoint and together cover every example exactly once.
+
+A split is a :class:`Partition`: one index array and one offset array for all clients (two
+numpy arrays whatever the number of clients), read as a sequence of per-client index arrays.
 """
 
 from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, overload
 
 import numpy as np
 
-Parts = list[np.ndarray]
+
+class Partition(Sequence[np.ndarray]):
+    """Each client's example indices, stored compactly: ``indices[offsets[i]:offsets[i + 1]]``.
+
+    Two int64 arrays hold the whole split, so 100,000 clients cost 8 bytes per example plus
+    8 per client, and no Python object per client: ``parts[i]`` is a view made on demand.
+    It reads like the list of per-client arrays it replaces (``len``, indexing, iteration).
+    """
+
+    __slots__ = ("indices", "offsets")
+
+    def __init__(self, indices: np.ndarray, offsets: np.ndarray) -> None:
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        if self.offsets.ndim != 1 or self.offsets.size < 1 or self.offsets[0] != 0:
+            raise ValueError("offsets must be a 1-D array starting at 0")
+        if self.offsets[-1] != self.indices.size or np.any(np.diff(self.offsets) < 0):
+            raise ValueError("offsets must be non-decreasing and end at the number of indices")
+
+    @classmethod
+    def from_assignment(cls, assignment: np.ndarray, num_clients: int) -> Partition:
+        """From the client id of each example: client i gets its examples in increasing order."""
+        order = np.argsort(assignment, kind="stable")
+        offsets = np.zeros(num_clients + 1, dtype=np.int64)
+        np.cumsum(np.bincount(assignment, minlength=num_clients), out=offsets[1:])
+        return cls(order, offsets)
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[np.ndarray] | Partition) -> Partition:
+        """From one index array per client (kept in the given order)."""
+        if isinstance(parts, Partition):
+            return parts
+        arrays = [np.asarray(p, dtype=np.int64).reshape(-1) for p in parts]
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([a.size for a in arrays], out=offsets[1:])
+        indices = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+        return cls(indices, offsets)
+
+    def sizes(self) -> np.ndarray:
+        """Examples per client (int64 array)."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[np.ndarray]: ...
+
+    def __getitem__(self, i: int | slice) -> np.ndarray | list[np.ndarray]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        j = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= j < n:
+            raise IndexError(f"client {i} is out of range: there are {n} clients")
+        return self.indices[self.offsets[j] : self.offsets[j + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for j in range(len(self)):
+            yield self.indices[self.offsets[j] : self.offsets[j + 1]]
+
+    def __repr__(self) -> str:
+        return f"Partition({len(self)} clients, {self.indices.size} examples)"
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the two arrays."""
+        return int(self.indices.nbytes + self.offsets.nbytes)
+
+
+Parts = Partition
 
 
 def _as_labels(labels: np.ndarray | Sequence[int]) -> np.ndarray:
@@ -54,9 +130,7 @@ def _check_alpha(alpha: Any) -> float:
 
 def _groups(assignment: np.ndarray, num_clients: int) -> Parts:
     """Turn a client id per example into sorted index arrays, one per client."""
-    order = np.argsort(assignment, kind="stable")
-    bounds = np.cumsum(np.bincount(assignment, minlength=num_clients))[:-1]
-    return [part.astype(np.int64) for part in np.split(order, bounds)]
+    return Partition.from_assignment(assignment, num_clients)
 
 
 def _assign_in_order(order: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -209,7 +283,7 @@ def quantity_skew(
 
 def train_test_split_per_client(
     indices_list: Sequence[np.ndarray], test_fraction: float = 0.2, seed: int = 0
-) -> tuple[Parts, Parts]:
+) -> tuple[Partition, Partition]:
     """Split each client's indices into (train, test), both sorted.
 
     Client i holding n examples gets ``round(test_fraction * n)`` test examples, capped so
@@ -224,7 +298,7 @@ def train_test_split_per_client(
         n_test = min(int(round(test_fraction * idx.size)), max(idx.size - 1, 0))
         test.append(np.sort(idx[:n_test]))
         train.append(np.sort(idx[n_test:]))
-    return train, test
+    return Partition.from_parts(train), Partition.from_parts(test)
 
 
 SCHEMES: dict[str, Callable[..., Parts]] = {
@@ -265,11 +339,12 @@ def label_matrix(
     c = int(y.max()) + 1 if num_classes is None else _check_int("num_classes", num_classes, 1)
     if y.max() >= c:
         raise ValueError(f"num_classes={c} but labels go up to {int(y.max())}")
-    if not parts:
+    if not len(parts):
         return np.zeros((0, c), dtype=np.int64)
-    client = np.repeat(np.arange(len(parts)), [len(p) for p in parts])
-    flat = y[np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])]
-    return np.bincount(client * c + flat, minlength=len(parts) * c).reshape(len(parts), c)
+    compact = Partition.from_parts(parts)
+    client = np.repeat(np.arange(len(compact)), compact.sizes())
+    flat = y[compact.indices]
+    return np.bincount(client * c + flat, minlength=len(compact) * c).reshape(len(compact), c)
 
 
 def _entropy_bits(counts: np.ndarray) -> np.ndarray:
