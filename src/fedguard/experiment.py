@@ -83,6 +83,7 @@ CENTRALIZED_OVERRIDES: dict[str, Any] = {
     "run.baseline": "none",
     "run.workers": "1",
     "run.client_threads": 0,
+    "run.runtime": "simulation",
     "server.optimizer": "fedavg",
     "server.lr": 1.0,
 }
@@ -356,6 +357,8 @@ class Experiment:
         state_dir: str | None = None
         if communicator is not None:
             comm = communicator(setup)
+        elif cfg.run.runtime == "ray":
+            comm = self._ray(setup)
         else:
             comm, state_dir = self._simulation(setup)
         server = Server(
@@ -403,6 +406,23 @@ class Experiment:
             else SerialCommunicator(make_client, faults, threads)
         )
         return comm, state_dir
+
+    def _ray(self, setup: Setup) -> Communicator:
+        """Clients in Ray actors (``run.runtime = "ray"``), built on each worker from the configuration."""
+        from fedguard.runtime.ray_runtime import RayCommunicator, RaySettings
+
+        if self.user_task is not None:
+            raise ConfigurationError(
+                "run.runtime = 'ray' builds each client from the configuration on the Ray workers, and a model or task "
+                "passed to Experiment(...) cannot travel there without pickle. Register a builder for it in "
+                "fedguard.builders.TASK_BUILDERS inside a module of yours, name the task in task.name and the module "
+                "in run.ray_imports; or use run.runtime = 'simulation'"
+            )
+        cfg = self.config
+        faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
+        comm = RayCommunicator(setup, RaySettings.from_config(cfg), faults)
+        self.log(f"Ray runtime: {len(comm.workers)} workers, ready in {comm.startup_s:.1f} s")
+        return comm
 
     def _run_centralized(self, run_dir: Path, cores: int | None = None, progress: bool = True) -> RunResult:
         """The same task, model, training and rounds with one client holding all the data
