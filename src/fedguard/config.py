@@ -49,6 +49,7 @@ class RunConfig:
     baseline: str = option("none", "Also run the centralized baseline (one client, all data, same passes) and compare.", choices=["none", "centralized"])
     baseline_concurrent: bool = option(False, "Run the centralized baseline at the same time as the federated run, in a forked process on one core (the federated run gets the other cores); needs fork and 2+ cores.")
     runtime: str = option("simulation", "Where simulated clients run: 'simulation' (this machine: in-process or forked workers, see workers) or 'ray' (Ray actors on whatever cluster ray_address reaches; pip install 'fedguard[ray]').", choices=["simulation", "ray"])
+    device: str = option("cpu", "Device for models, training and evaluation: cpu, cuda, cuda:<index>, or auto (cuda when available, else cpu). Several simulated clients share one GPU.")
     ray_address: str = option("", "Ray cluster to use with runtime = 'ray': '' starts a local instance (or reuses one already started in this process), 'auto' joins the cluster of this machine, 'HOST:PORT' a head node, 'ray://HOST:PORT' a Ray client server.")
     ray_num_cpus: float = option(1.0, "CPUs reserved by each Ray client worker (an actor running clients one after another).", min=0.0)
     ray_num_gpus: float = option(0.0, "GPUs reserved by each Ray client worker; a fraction (e.g. 0.25) lets several workers share one GPU.", min=0.0)

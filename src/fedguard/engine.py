@@ -22,6 +22,7 @@ from fedguard.core.messages import Message
 from fedguard.core.pipeline import AggregateResult, ServerContext, UpdatePipeline
 from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
+from fedguard.device import model_on, params_to
 from fedguard.tasks.base import Task
 
 
@@ -75,6 +76,7 @@ class Server:
         log: Callable[[str], None] = print,
         federated_eval: bool = False,
         fit_config: FitConfig | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         pipeline.validate()
         self.task, self.model, self.pipeline = task, model, pipeline
@@ -82,6 +84,8 @@ class Server:
         self.seed, self.min_clients, self.log = seed, min_clients, log
         self.federated_eval = federated_eval
         self.fit_config = fit_config
+        #: where the server evaluates; the global model, aggregation and messages stay on the CPU
+        self.device = torch.device(device)
         self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.round = 0
 
@@ -164,7 +168,10 @@ class Server:
     def evaluate(self) -> dict[str, float]:
         """The task's metrics for the current global model on the held-out data."""
         assert self.test_data is not None
-        return self.task.evaluate(self.model, self.params, self.test_data)
+        if self.test_data.x.device != self.device:
+            self.test_data = self.test_data.to(self.device)  # moved once
+        model = model_on(self.model, self.device)
+        return self.task.evaluate(model, params_to(self.params, self.device), self.test_data)
 
     def evaluate_on_clients(self, round: int, clients: list[int]) -> dict[str, float]:
         """Federated evaluation: each client scores the global model on its local test split.

@@ -34,6 +34,7 @@ from fedguard.config import Config
 from fedguard.data.arrays import ArrayDataset
 from fedguard.data.partition import Partition, label_matrix, partition, train_test_split_per_client
 from fedguard.data.registry import load_dataset
+from fedguard.device import CPU_ONLY_TASKS, check_device_spec, resolve_device
 from fedguard.engine import Server
 from fedguard.pipeline.base import ConfigurationError
 from fedguard.report.markdown import write_comparison, write_report
@@ -105,6 +106,8 @@ class Setup:
     pipeline: Any
     #: each client's local test indices (empty without data.client_test_fraction)
     local_test: Partition | list[np.ndarray] = field(default_factory=list)
+    #: where this process trains and evaluates (``run.device``)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def make_client(self, cid: int, store: Any) -> ClientApp:
         """Client ``cid`` with its own slice of the data."""
@@ -119,6 +122,7 @@ class Setup:
             self.config.run.seed,
             store,
             local_test,
+            self.device,
         )
 
     def client_data(self, cid: int) -> ArrayDataset:
@@ -259,7 +263,29 @@ class Experiment:
         bctx = builders.BuildContext(cfg, train, parts.sizes().tolist(), sampler, task, self.log)
         trainer = builders.build_trainer(bctx)
         pipeline = builders.build_pipeline(bctx)
-        return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline, local_test)
+        device = self.device()
+        return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline, local_test, device)
+
+    def device(self) -> torch.device:
+        """The device of ``run.device`` on this machine, checked against the task.
+
+        Under ``run.runtime = "ray"`` the workers hold the GPUs: a server without the device
+        evaluates on its CPU instead (and says so).
+        """
+        cfg = self.config
+        check_device_spec(cfg.run.device)
+        try:
+            device = resolve_device(cfg.run.device)
+        except ConfigurationError as exc:
+            if cfg.run.runtime != "ray":
+                raise
+            self.log(f"run.device: the server evaluates on the CPU ({exc}); the Ray workers train on {cfg.run.device}")
+            device = torch.device("cpu")
+        on_gpu = device.type != "cpu" or (cfg.run.runtime == "ray" and cfg.run.ray_num_gpus > 0)
+        if on_gpu and self.user_task is None and cfg.task.name in CPU_ONLY_TASKS:
+            raise ConfigurationError(f"run.device = {cfg.run.device!r}: the {cfg.task.name} task draws its noise on "
+                                     "the CPU and runs there only; use run.device = 'cpu'")
+        return device
 
     # -- running --------------------------------------------------------------------------
     def run(
@@ -373,6 +399,7 @@ class Experiment:
             self.log,
             federated_eval=bool(setup.local_test),
             fit_config=schedule_fit_config(cfg.train.lr_schedule, cfg.run.rounds),
+            device=setup.device,
         )
         first_round = 1
         if resume:

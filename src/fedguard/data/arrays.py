@@ -46,6 +46,15 @@ class ArrayDataset:
         part.x, part.y, part.name = self.x[idx], self.y[idx], name or self.name
         return part
 
+    def to(self, device: torch.device | str) -> ArrayDataset:
+        """The same examples on ``device`` (this very dataset when they are there already)."""
+        device = torch.device(device)
+        if self.x.device == device and self.y.device == device:
+            return self
+        moved = object.__new__(ArrayDataset)
+        moved.x, moved.y, moved.name = self.x.to(device), self.y.to(device), self.name
+        return moved
+
     @property
     def labels(self) -> np.ndarray:
         """Labels as a numpy array (what partitioners work on)."""

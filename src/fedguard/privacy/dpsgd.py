@@ -111,10 +111,13 @@ def gaussian_like(tensors: Params, std: float, generator: torch.Generator) -> Pa
     """``N(0, std^2)`` noise shaped like each tensor, drawn in sorted-name order.
 
     The order of a received update's tensors can differ between processes (it follows the
-    wire format's map), so a fixed order keeps runs reproducible from the seed.
+    wire format's map), so a fixed order keeps runs reproducible from the seed. The noise is
+    drawn on the generator's device (the CPU) and moved to each tensor's: the same noise on
+    every device.
     """
     return {
-        k: torch.randn(tensors[k].shape, generator=generator, dtype=tensors[k].dtype) * std for k in sorted(tensors)
+        k: (torch.randn(tensors[k].shape, generator=generator, dtype=tensors[k].dtype) * std).to(tensors[k].device)
+        for k in sorted(tensors)
     }
 
 

@@ -82,7 +82,7 @@ class _LayerGrad:
 def _materialised(per_example: dict[str, torch.Tensor]) -> _LayerGrad:
     """A layer whose per-example gradients are small enough to hold: (B, *param.shape) each."""
     batch = next(iter(per_example.values())).shape[0]
-    sq = torch.zeros(batch, dtype=torch.float32)
+    sq = torch.zeros(batch, dtype=torch.float32, device=next(iter(per_example.values())).device)
     for g in per_example.values():
         sq = sq + torch.linalg.vector_norm(g.reshape(batch, -1), dim=1).square()
 
@@ -238,7 +238,7 @@ def _embedding(m: nn.Embedding, a: torch.Tensor, b: torch.Tensor) -> _LayerGrad:
     sq = (same * torch.bmm(b3, b3.transpose(1, 2))).sum((1, 2))
 
     def combine(c: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = torch.zeros(m.weight.shape, dtype=b3.dtype)
+        out = torch.zeros(m.weight.shape, dtype=b3.dtype, device=b3.device)
         rows = (b3 * c[:, None, None]).reshape(-1, b3.shape[-1])
         return {"weight": out.index_add_(0, idx.reshape(-1), rows)}
 
@@ -294,7 +294,7 @@ class FastClippedSum:
         for (name, module, rec), g in zip(used, grads_out, strict=True):
             g = torch.zeros_like(rec.output) if g is None else g
             layer_grads[name] = _RULES[type(module)](module, rec.input, g.detach())
-        sq = torch.zeros(size)
+        sq = torch.zeros(size, device=batch[0].device)
         for lg in layer_grads.values():
             sq = sq + lg.sq_norms
         norms = sq.clamp(min=0).sqrt()

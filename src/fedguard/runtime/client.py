@@ -14,6 +14,7 @@ from fedguard.core.messages import Message
 from fedguard.core.pipeline import ClientContext, UpdatePipeline
 from fedguard.core.state import StateStore
 from fedguard.data.arrays import ArrayDataset
+from fedguard.device import model_on, params_to
 from fedguard.runtime.state_store import MemoryStateStore
 from fedguard.tasks.base import Task
 
@@ -28,7 +29,8 @@ class ClientApp:
     """One party: trains on its local data and runs the client side of the pipeline.
 
     The same object serves the simulation (inside a worker process) and a real client
-    process; it only ever sees messages addressed to it.
+    process; it only ever sees messages addressed to it. It trains and evaluates on
+    ``device``; what it sends back is on the CPU.
     """
 
     def __init__(
@@ -42,8 +44,10 @@ class ClientApp:
         seed: int,
         store: StateStore | None = None,
         test_data: ArrayDataset | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.client_id = client_id
+        self.device = torch.device(device)
         self.task, self.model, self.data = task, model, data
         self.trainer, self.pipeline, self.seed = trainer, pipeline, seed
         self.store = store or MemoryStateStore()
@@ -77,7 +81,7 @@ class ClientApp:
         )
 
     def _fit(self, msg: Message, ctx: ClientContext) -> Message:
-        global_params = {k: v.float() for k, v in msg.tensors.items()}
+        global_params = params_to({k: v.float() for k, v in msg.tensors.items()}, self.device)
         trainer = self.trainer
         scale = read_lr_scale(ctx.instructions)
         if scale != 1.0:
@@ -85,9 +89,10 @@ class ClientApp:
                 raise ValueError(f"train.lr_schedule: the trainer {type(trainer).__name__} has no scaled(lr_scale); "
                                  "give it one or use lr_schedule = 'constant'")
             trainer = trainer.scaled(scale)
-        trained, metrics = self.task.local_train(self.model, global_params, self.data, trainer, ctx.generator)
-        with torch.no_grad():
-            update = {k: trained[k] - global_params[k] for k in global_params}
+        model, data = model_on(self.model, self.device), self.data.to(self.device)
+        trained, metrics = self.task.local_train(model, global_params, data, trainer, ctx.generator)
+        with torch.no_grad():  # the update leaves the device here: client steps and the wire work on the CPU
+            update = {k: (trained[k] - global_params[k]).cpu() for k in global_params}
         for step in self.pipeline.client_steps:
             update = step.apply(update, ctx)
         payload, meta = self.pipeline.aggregator.client_finalize(update, ctx)
@@ -98,7 +103,7 @@ class ClientApp:
         """Metrics of the received global model on this client's local test split."""
         if self.test_data is None or len(self.test_data) == 0:
             return Message("evaluate_result", msg.round, self.client_id, {"num_examples": 0, "metrics": {}})
-        params = {k: v.float() for k, v in msg.tensors.items()}
-        metrics = self.task.evaluate(self.model, params, self.test_data)
+        params = params_to({k: v.float() for k, v in msg.tensors.items()}, self.device)
+        metrics = self.task.evaluate(model_on(self.model, self.device), params, self.test_data.to(self.device))
         meta = {"num_examples": len(self.test_data), "metrics": metrics}
         return Message("evaluate_result", msg.round, self.client_id, meta)

@@ -74,7 +74,7 @@ class RaySettings:
     def from_config(cls, config: Any) -> RaySettings:
         r = config.run
         return cls(r.ray_address, r.ray_num_cpus, r.ray_num_gpus, r.ray_timeout_s, r.workers, r.client_threads,
-                   getattr(r, "device", "cpu"), tuple(r.ray_imports))
+                   r.device, tuple(r.ray_imports))
 
     def check(self) -> None:
         """Refuse settings that cannot work, before Ray starts."""
@@ -173,6 +173,7 @@ class _ClientWorker:
         config = Config.from_dict(tomllib.loads(config_toml))
         config.set("data.client_test_fraction", 0.0)  # the server's split arrives as test_indices
         config.set("data.max_train_examples", 0)
+        config.set("run.runtime", "simulation")  # this worker needs run.device itself: no fallback to the CPU
         train = object.__new__(ArrayDataset)  # the server validated these arrays
         train.x, train.y, train.name = _readonly_tensor(arrays["x"]), _readonly_tensor(arrays["y"]), "train"
         parts = Partition(arrays["part_indices"], arrays["part_offsets"])
