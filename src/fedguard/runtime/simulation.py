@@ -127,19 +127,24 @@ class WorkerPoolCommunicator:
 
     def exchange(self, messages: dict[int, Message]) -> Exchange:
         result = Exchange()
-        queue: list[bytes] = []
-        for cid in sorted(messages, key=lambda c: (-self.cost(c), c)):
-            data = messages[cid].to_bytes()
-            self.traffic.sent += len(data)
-            if self.faults.drops(messages[cid]):
+        queue = sorted(messages, key=lambda c: (-self.cost(c), c), reverse=True)
+
+        def next_request() -> bytes | None:
+            """The next client's message, encoded only now: one message per worker in memory, not a round's."""
+            while queue:
+                cid = queue.pop()
+                data = messages[cid].to_bytes()
+                self.traffic.sent += len(data)
+                if not self.faults.drops(messages[cid]):
+                    return data
                 result.failed[cid] = "simulated dropout"
-            else:
-                queue.append(data)
-        queue.reverse()
+            return None
+
         busy: dict[Connection, bool] = {}
         for conn in self._conns:
-            if queue:
-                conn.send_bytes(queue.pop())
+            data = next_request()
+            if data is not None:
+                conn.send_bytes(data)
                 busy[conn] = True
         while busy:
             for conn in wait(list(busy)):
@@ -147,8 +152,9 @@ class WorkerPoolCommunicator:
                     _collect(result, conn.recv_bytes(), self.traffic)
                 except EOFError as exc:
                     raise RuntimeError("a simulation worker process died; see its error above") from exc
-                if queue:
-                    conn.send_bytes(queue.pop())
+                data = next_request()
+                if data is not None:
+                    conn.send_bytes(data)
                 else:
                     del busy[conn]
         return result
