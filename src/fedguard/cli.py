@@ -1,10 +1,16 @@
-"""The ``fedguard`` command: run experiments, inspect partitions, print the config reference."""
+"""The ``fedguard`` command: run experiments, inspect partitions, print the config reference.
+
+Exit codes: 0 success; 1 a run that failed (training diverged, or no round updated the model;
+its run folder keeps everything up to the failure); 2 a configuration or data error, found
+before anything runs (one line on stderr, no run folder).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from fedguard import __version__
 from fedguard.config import Config, reference_markdown
 from fedguard.pipeline.base import ConfigurationError
 
@@ -21,9 +27,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedguard.experiment import Experiment
 
     config = Config.load(args.config, args.overrides)
-    Experiment(config, log=None if config.run.progress else print).run(
-        run_dir=args.out, resume=args.resume
-    )
+    Experiment(config, quiet=args.quiet).run(run_dir=args.out, resume=args.resume)
     return 0
 
 
@@ -57,11 +61,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedguard`` command."""
     parser = argparse.ArgumentParser(prog="fedguard", description="Privacy-preserving federated learning.")
+    parser.add_argument("--version", action="version", version=f"fedguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a federated experiment (defaults: embedded MNIST subset)")
     _add_config_args(run)
     run.add_argument("--out", help="run folder (default: <run.out_dir>/<name>-<time>)")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a checkpointed run")
+    run.add_argument("--quiet", "-q", action="store_true",
+                     help="print nothing but errors (run.progress=false turns off only the per-round display)")
     run.set_defaults(func=_cmd_run)
     part = sub.add_parser("partition", help="print (and plot) how the data is split among clients")
     _add_config_args(part)
@@ -78,8 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; configuration and data errors print one clear line and exit 2."""
+    """Entry point; configuration and data errors print one clear line and exit 2, a failed
+    run (diverged, or no round updated the model) prints why and exits 1."""
     from fedguard.data.registry import DatasetNotFoundError
+    from fedguard.health import RunFailed
 
     args = build_parser().parse_args(argv)
     try:
@@ -87,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigurationError, DatasetNotFoundError) as exc:
         print(f"fedguard: error: {exc}", file=sys.stderr)
         return 2
+    except RunFailed as exc:
+        print(f"fedguard: run failed: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,12 +3,21 @@
 A configuration is read from TOML, changed with ``section.key=value`` overrides, checked
 field by field (a bad value names the key and what is allowed) and saved with each run so
 that the run can be repeated exactly. ``fedguard config`` prints the full reference.
+
+:meth:`Config.validate` is the one pass over the whole configuration that every run makes
+before it starts a process or writes a file: every value has its field's type, every float
+is finite (NaN and infinities are refused unless a field says ``finite=False``) and within
+its range, every choice is one of its allowed values, and every name that a registry
+resolves (dataset, model, task, and whatever mechanism families add with
+:func:`register_check`) is known to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -21,9 +30,10 @@ from fedguard.pipeline.base import ConfigurationError
 
 
 def option(default: Any, help: str, choices: list[Any] | None = None, min: float | None = None,
-           max: float | None = None) -> Any:
-    """A configuration field with its help text and allowed values."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max}
+           max: float | None = None, finite: bool = True) -> Any:
+    """A configuration field with its help text and allowed values (``finite=False``: a float
+    field that accepts NaN and infinities; none of the built-in ones does)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "finite": finite}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -139,6 +149,37 @@ def register_section(name: str, cls: type) -> None:
     SECTIONS[name] = cls
 
 
+#: a check of one key's value against a registry: raises ValueError naming the allowed values
+NameCheck = Callable[[Any], None]
+#: ``section.key -> check``, run by :meth:`Config.validate` after the field-by-field pass
+CHECKS: dict[str, NameCheck] = {}
+
+
+def register_check(key: str, check: NameCheck) -> None:
+    """Have :meth:`Config.validate` check ``section.key`` with ``check(value)``, which raises
+    ``ValueError`` (or :class:`ConfigurationError`) with the allowed values when the value is
+    not known (e.g. a name that a family's registry resolves). Keys of sections that are not
+    registered are skipped."""
+    CHECKS[key] = check
+
+
+def _check_dataset(name: Any) -> None:
+    from fedguard.data.registry import dataset_spec
+
+    dataset_spec(str(name))
+
+
+def _check_task(name: Any) -> None:
+    from fedguard.builders import TASK_BUILDERS
+
+    if name not in TASK_BUILDERS:
+        raise ValueError(f"{name!r} is not available; choose one of {sorted(TASK_BUILDERS)}")
+
+
+register_check("data.dataset", _check_dataset)
+register_check("task.name", _check_task)
+
+
 def _section_factory(name: str) -> Any:
     return field(default_factory=lambda: SECTIONS[name]())
 
@@ -162,6 +203,29 @@ class Config:
     def to_toml(self) -> str:
         """The resolved configuration as TOML (what a run saves)."""
         return tomli_w.dumps(self.to_dict())
+
+    def validate(self, skip: tuple[str, ...] = ()) -> Config:
+        """Check the whole configuration in one pass (see the module's docstring); the first
+        problem raises :class:`ConfigurationError` naming the key and what is allowed.
+        Values set as attributes are parsed to their field's type here. ``skip`` names keys
+        whose registry check does not apply (e.g. ``data.dataset`` when the user gives the
+        data). Returns the configuration."""
+        for section, obj in self.sections.items():
+            hints = get_type_hints(type(obj))
+            for f in dataclasses.fields(obj):
+                key = f"{section}.{f.name}"
+                setattr(obj, f.name, _coerce(key, getattr(obj, f.name), hints[f.name], f.metadata))
+        for key, check in CHECKS.items():
+            section, _, name = key.partition(".")
+            if key in skip or section not in self.sections or not hasattr(self.sections[section], name):
+                continue
+            try:
+                check(getattr(self.sections[section], name))
+            except ConfigurationError:
+                raise
+            except ValueError as exc:
+                raise ConfigurationError(f"{key}: {exc}") from exc
+        return self
 
     def set(self, key: str, value: Any) -> None:
         """Set ``section.key`` to ``value`` (strings are parsed to the field's type)."""
@@ -205,7 +269,7 @@ class Config:
             if not sep:
                 raise ConfigurationError(f"override {item!r} must look like section.key=value")
             config.set(key.strip(), value.strip())
-        return config
+        return config.validate()
 
 
 def _unknown(what: str, name: str, known: list[str], section: str | None = None) -> str:
@@ -219,14 +283,24 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
         parsed = _parse(value, hint)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"{key}: cannot use {value!r}: {exc}") from exc
+    if meta.get("finite", True):
+        _require_finite(key, parsed)
     choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
-    if choices and parsed not in choices:
-        raise ConfigurationError(f"{key}: {parsed!r} is not allowed; choose one of {choices}")
-    if lo is not None and isinstance(parsed, (int, float)) and parsed < lo:
-        raise ConfigurationError(f"{key}: {parsed!r} is below the minimum {lo}")
-    if hi is not None and isinstance(parsed, (int, float)) and parsed > hi:
-        raise ConfigurationError(f"{key}: {parsed!r} is above the maximum {hi}")
+    for item in parsed if isinstance(parsed, list) else [parsed]:
+        if choices and item not in choices:
+            raise ConfigurationError(f"{key}: {item!r} is not allowed; choose one of {choices}")
+        if lo is not None and isinstance(item, (int, float)) and item < lo:
+            raise ConfigurationError(f"{key}: {item!r} is below the minimum {lo}")
+        if hi is not None and isinstance(item, (int, float)) and item > hi:
+            raise ConfigurationError(f"{key}: {item!r} is above the maximum {hi}")
     return parsed
+
+
+def _require_finite(key: str, value: Any) -> None:
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigurationError(f"{key}: {item!r} is not a finite number; NaN and infinities are refused")
 
 
 def _parse(value: Any, hint: Any) -> Any:

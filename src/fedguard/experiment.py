@@ -18,15 +18,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedguard import builders, plugins  # noqa: F401  (plugins registers families)
+from fedguard import __version__, builders, health, plugins  # noqa: F401  (plugins registers families)
 from fedguard.algorithms.lr_schedule import schedule_fit_config
 from fedguard.algorithms.sampling import ClientSampler, parse_schedule
 from fedguard.checkpoint import load_state, save_state
@@ -38,9 +39,9 @@ from fedguard.device import CPU_ONLY_TASKS, check_device_spec, resolve_device
 from fedguard.engine import Server
 from fedguard.pipeline.base import ConfigurationError
 from fedguard.report.markdown import write_comparison, write_report
-from fedguard.report.metrics import MetricsWriter, read_metrics
+from fedguard.report.metrics import MetricsWriter, json_safe, read_metrics
 from fedguard.report.partition_plot import plot_label_heatmap
-from fedguard.report.progress import RunProgress, print_summary
+from fedguard.report.progress import RunProgress, print_summary, round_line
 from fedguard.runtime.base import Communicator, FaultModel
 from fedguard.runtime.client import ClientApp
 from fedguard.runtime.forked_job import ForkedJob, fork_available
@@ -145,6 +146,11 @@ class Experiment:
     any :class:`Task`; ``train``/``test`` take an :class:`ArrayDataset` or any map-style
     ``torch.utils.data.Dataset`` of (input, label); ``partitions`` fixes each client's
     example indices instead of the configured partitioner.
+
+    While it runs, it prints a progress bar on a terminal (one plain line per round
+    otherwise; none with ``run.progress = false``), the run log's lines, and at the end the
+    summary and the run folder's path; ``quiet=True`` prints nothing. ``log`` receives the run
+    log's lines instead of the console. The run log is also written to ``RUN_DIR/log.txt``.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class Experiment:
         test: ArrayDataset | Dataset | None = None,
         partitions: Sequence[np.ndarray] | None = None,
         log: Callable[[str], None] | None = None,
+        quiet: bool = False,
     ) -> None:
         self.config = config or Config()
         for item in overrides or []:
@@ -180,15 +187,45 @@ class Experiment:
         self.partitions = partitions
         self._log_fn = log
         self._log_lines: list[str] = []
+        self._log_file: TextIO | None = None
+        self.quiet = quiet
+        self._progress: RunProgress | None = None
+        self._title = "fedguard run summary"
         #: the cores this run may use (None: all); set when the baseline runs beside it
         self._cores: int | None = None
 
     # -- assembly -------------------------------------------------------------------------
-    def log(self, text: str) -> None:
-        """Record a line in the run log (and print it when not showing a progress bar)."""
+    def log(self, text: str, echo: bool = True) -> None:
+        """Record a line in the run log (log.txt) and show it (``log``, or the console unless quiet)."""
         self._log_lines.append(text)
+        if self._log_file is not None:
+            self._log_file.write(text + "\n")
+            self._log_file.flush()
+        if not echo:
+            return
         if self._log_fn is not None:
             self._log_fn(text)
+        elif not self.quiet:
+            if self._progress is not None:
+                self._progress.log(text)
+            else:
+                print(text, flush=True)
+
+    def _open_log(self, run_dir: Path, append: bool) -> None:
+        """Start writing the run log into RUN_DIR/log.txt, beginning with the lines logged so far."""
+        self._log_file = (run_dir / "log.txt").open("a" if append else "w")
+        self._log_file.write("".join(line + "\n" for line in self._log_lines))
+        self._log_file.flush()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def _progress_mode(self) -> str:
+        if self.quiet or not self.config.run.progress:
+            return "off"
+        return "bar" if Console().is_terminal else "lines"
 
     def load_data(self) -> tuple[ArrayDataset, ArrayDataset]:
         """The configured (or given) train and test sets."""
@@ -302,6 +339,7 @@ class Experiment:
         builds the runtime from the assembled :class:`Setup` (the network server passes
         its own); by default clients run in the simulation.
         """
+        self.config.validate(skip=("data.dataset",) if self.train is not None else ())
         run_cfg = self.config.run
         if run_cfg.baseline_concurrent and run_cfg.baseline != "centralized":
             raise ConfigurationError("run.baseline_concurrent runs the centralized baseline beside the federated run; "
@@ -460,7 +498,9 @@ class Experiment:
         if not progress:
             base.set("run.progress", False)
         self.log("running the centralized baseline (one client, all the data, same passes)")
-        sub = Experiment(base, task=self.user_task, train=self.train, test=self.test, log=self._log_fn)
+        sub = Experiment(base, task=self.user_task, train=self.train, test=self.test, log=self._log_fn,
+                         quiet=self.quiet or not progress)
+        sub._title = "centralized baseline summary"
         sub._cores = cores
         return sub._run_federated(run_dir / "centralized", None)
 
@@ -468,8 +508,13 @@ class Experiment:
         cfg, task = self.config, setup.task
         rounds, every = cfg.run.rounds, cfg.run.eval_every
         writer = MetricsWriter(run_dir / "metrics.jsonl", append=append)
-        progress = RunProgress(rounds, first, task.primary_metric, enabled=cfg.run.progress)
+        progress = RunProgress(rounds, first, task.primary_metric, self._progress_mode())
         stopped: str | None = None
+        diverged: str | None = None
+        self._open_log(run_dir, append)
+        self.log(f"fedguard {__version__}: {'resuming' if append else 'starting'} {run_dir} at round {first} "
+                 f"of {rounds}", echo=False)
+        self._progress = progress
         try:
             with progress:
                 for r in range(first, rounds + 1):
@@ -478,21 +523,46 @@ class Experiment:
                         self.log(stopped)
                         break
                     evaluate = r == rounds or (every > 0 and r % every == 0)
+                    last_params = server.params
                     record = server.run_round(r, evaluate)
+                    row = record.row()
+                    what = health.divergence(row, server.params)
+                    if what is not None:
+                        server.params, server.round = last_params, r - 1
+                        kept = f"round {r - 1}'s model" if r > 1 else "the initial model"
+                        diverged = stopped = (
+                            f"training diverged in round {r}: {what}. Likely cause: {health.likely_cause(cfg)}. "
+                            f"The run stopped; model.safetensors holds {kept}, the last finite one"
+                        )
+                        self.log(stopped, echo=False)
+                        writer.write({**row, "aborted": f"diverged: {what}"})
+                        break
                     if evaluate and cfg.run.report:
                         task.on_evaluate(setup.model, server.params, r, run_dir / "plots")
-                    row = record.row()
                     writer.write(row)
                     progress.update(row)
+                    self.log(f"round {r}/{rounds}  {round_line(row, rounds, task.primary_metric)}  "
+                             f"{row['seconds']:.2f} s", echo=False)
                     if cfg.run.checkpoint_every and r % cfg.run.checkpoint_every == 0:
                         save_state(run_dir, server.state_dict())
         finally:
+            self._progress = None
             writer.close()
             save_file({k: v.contiguous() for k, v in server.params.items()}, str(run_dir / "model.safetensors"))
-            (run_dir / "log.txt").write_text("\n".join(self._log_lines) + "\n")
-        rows = read_metrics(run_dir / "metrics.jsonl")
-        final = self._finish(server, run_dir, rows, setup, stopped)
-        return RunResult(run_dir, rows, final, server.params, stopped)
+        try:
+            rows = read_metrics(run_dir / "metrics.jsonl")
+            final = self._finish(server, run_dir, rows, setup, stopped)
+        finally:
+            self._close_log()
+        result = RunResult(run_dir, rows, final, server.params, stopped)
+        if diverged:
+            raise health.RunFailed(f"{diverged} (run folder: {run_dir})", result)
+        ran = [row for row in rows if row["round"] >= first]
+        if ran and all(row.get("aborted") for row in ran):
+            raise health.RunFailed(
+                f"no round updated the model: all {len(ran)} rounds were aborted (round {ran[-1]['round']}: "
+                f"{ran[-1]['aborted']}); the model is the initial one (run folder: {run_dir})", result)
+        return result
 
     def _finish(
         self, server: Server, run_dir: Path, rows: list[dict[str, Any]], setup: Setup, stopped: str | None
@@ -509,12 +579,12 @@ class Experiment:
         final["median_round_s"] = float(np.median([r["round_s"] for r in rows])) if rows else 0.0
         if stopped:
             final["stopped"] = stopped
-        (run_dir / "summary.json").write_text(json.dumps(final, indent=1, default=str))
+        (run_dir / "summary.json").write_text(json.dumps(json_safe(final), indent=1, default=str, allow_nan=False))
         if self.config.run.report:
             figures = task.report_figures(model, server.params, test, run_dir / "plots", "final")
             figures = [("Label distribution per client", run_dir / "plots" / "partition.png"), *figures]
             write_report(run_dir, rows, final, figures, self.config.to_toml(), task.primary_metric)
-        print_summary(final, run_dir, enabled=self.config.run.progress)
+        print_summary(final, run_dir, enabled=not self.quiet, title=self._title)
         return final
 
     def _new_run_dir(self) -> Path:

@@ -396,8 +396,8 @@ def _not_found(
         lines += [f"  {e}" for e in errors]
     elif spec.mirrors or spec.archive:
         lines.append(
-            f"or call load_dataset({spec.name!r}, {str(root)!r}, download=True) "
-            "with internet access."
+            f"or let fedguard download them (internet access needed): fedguard run --set data.download=true "
+            f"(Python: load_dataset({spec.name!r}, {str(root)!r}, download=True))."
         )
     return DatasetNotFoundError("\n".join(lines))
 

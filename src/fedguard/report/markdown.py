@@ -90,7 +90,8 @@ def write_comparison(run_dir: Path, federated: dict[str, Any], centralized: dict
     report = run_dir / "report.md"
     with report.open("a") as fh:
         fh.write("\n".join(lines))
-    (run_dir / "comparison.json").write_text(
-        json.dumps({"federated": federated, "centralized": centralized}, indent=1, default=str)
-    )
+    from fedguard.report.metrics import json_safe
+
+    (run_dir / "comparison.json").write_text(json.dumps(
+        json_safe({"federated": federated, "centralized": centralized}), indent=1, default=str, allow_nan=False))
     return report

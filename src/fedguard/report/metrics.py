@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN and infinity replaced by None (JSON has no such numbers)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -27,7 +28,7 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         """Write one row (NaN and infinities become null) and flush."""
-        self._file.write(json.dumps(_clean(row)) + "\n")
+        self._file.write(json.dumps(json_safe(row), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ threads; clients are scheduled largest first onto whichever worker is free.
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import tempfile
@@ -36,7 +37,14 @@ def _answer(factory: ClientFactory, data: bytes) -> bytes:
         reply = Message("dropped", msg.round, msg.client_id, {"error": str(exc)})
     except Exception as exc:  # a client's failure must not take the run down
         reply = Message("error", msg.round, msg.client_id, {"error": f"{type(exc).__name__}: {exc}"})
-    return reply.to_bytes()
+    try:
+        return reply.to_bytes()
+    except ValueError as exc:  # JSON has no NaN: the metrics of a client whose training diverged
+        metrics = reply.meta.get("metrics", {})
+        bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v))
+        what = f"non-finite metrics {bad}" if bad else f"a reply that cannot be sent ({exc})"
+        meta = {"error": f"{what}: the client's training diverged"}
+        return Message("error", msg.round, msg.client_id, meta).to_bytes()
 
 
 def _collect(exchange: Exchange, data: bytes, traffic: TrafficCounter) -> None:
