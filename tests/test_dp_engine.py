@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fedguard import ConfigurationError, Experiment
+from fedguard.health import RunFailed
 from fedguard.privacy.validator import mixing_layers, validate_for_dpsgd
 
 TINY = [
@@ -124,7 +125,9 @@ def test_distributed_dpsgd_with_secure_aggregation_runs(tmp_path):
 
 def test_round_discarded_by_min_clients_still_charges_the_ledger(tmp_path):
     # 4 clients reply but min_clients is 5: the model stays, yet the noised updates were sent
-    result = run(tmp_path, "dp.mode=sample", "dp.noise_multiplier=1.0", "server.min_clients=5")
+    with pytest.raises(RunFailed, match="no round updated the model") as failed:
+        run(tmp_path, "dp.mode=sample", "dp.noise_multiplier=1.0", "server.min_clients=5")
+    result = failed.value.result
     assert all(row["aborted"] for row in result.rows)
     eps = [row["epsilon"] for row in result.rows]
     assert 0 < eps[0] < eps[1]

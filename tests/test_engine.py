@@ -119,8 +119,8 @@ def test_centralized_baseline_is_reported_side_by_side(tmp_path):
     assert "Federated vs centralized" in (result.run_dir / "report.md").read_text()
     cfg = Config.load(result.baseline.run_dir / "config.toml")
     assert cfg.data.num_clients == 1 and cfg.run.rounds == 2
-    # plain training on all the data: no server optimiser, the lone client uses every core
-    assert cfg.server.optimizer == "fedavg" and cfg.server.lr == 1.0 and cfg.run.client_threads == 0
+    # plain training on all the data: no server optimiser, the lone client computes as a federated one
+    assert cfg.server.optimizer == "fedavg" and cfg.server.lr == 1.0 and cfg.run.client_threads == 1
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a concurrent baseline needs two cores")

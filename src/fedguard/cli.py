@@ -31,6 +31,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from datetime import datetime
+    from pathlib import Path
+
+    import fedguard.plugins  # noqa: F401  (every family registers its config section)
+    from fedguard.sweep import run_sweep
+
+    out = Path(args.out or f"runs/sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    log = (lambda _text: None) if args.quiet else (lambda text: print(text, flush=True))
+    lower = True if args.lower_is_better else None
+    sweep = run_sweep(args.config, args.overrides, out, args.metric, lower, log)
+    if not args.quiet:
+        print(sweep.table())
+        print(f"sweep folder: {out} (sweep.md, sweep.json, one run folder per setting)")
+    return 0 if any(p.score is not None for p in sweep.ranked) else 1
+
+
 def _cmd_partition(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -70,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", "-q", action="store_true",
                      help="print nothing but errors (run.progress=false turns off only the per-round display)")
     run.set_defaults(func=_cmd_run)
+    sweep = sub.add_parser(
+        "sweep", help="run a grid of settings (--set key=a,b,c) and rank them on validation data",
+        description="Each --set with several comma-separated values is an axis of the grid; each point is a full "
+                    "run with a validation split (data.validation_fraction, 0.1 if unset), ranked by a validation "
+                    "figure. Writes sweep.md and sweep.json.")
+    _add_config_args(sweep)
+    sweep.add_argument("--metric", help="summary figure to rank by (default: val_<the task's primary metric>)")
+    sweep.add_argument("--lower-is-better", action="store_true", help="rank --metric lowest first")
+    sweep.add_argument("--out", help="sweep folder (default: runs/sweep-<time>)")
+    sweep.add_argument("--quiet", "-q", action="store_true", help="print nothing but errors")
+    sweep.set_defaults(func=_cmd_sweep)
     part = sub.add_parser("partition", help="print (and plot) how the data is split among clients")
     _add_config_args(part)
     part.add_argument("--plot", metavar="PNG", help="write a label heatmap")

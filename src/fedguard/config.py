@@ -56,7 +56,11 @@ class RunConfig:
     progress: bool = option(True, "Show the live progress bar.")
     checkpoint_every: int = option(0, "Save a resumable checkpoint every k rounds (0: never).", min=0)
     report: bool = option(True, "Write report.md with plots at the end of the run.")
+    loggers: list[str] = option([], "Experiment trackers that also receive every round's figures, the configuration and the report's pictures: tensorboard (event files in RUN_DIR/tensorboard), mlflow (a run at run.mlflow_uri). Each needs its library: pip install 'fedguard[tracking]'.", choices=["tensorboard", "mlflow"])
+    mlflow_uri: str = option("", "MLflow tracking URI (empty: a local file store beside the run folder, runs/mlruns; or e.g. sqlite:///mlflow.db, http://host:5000).")
+    mlflow_experiment: str = option("", "MLflow experiment the run is logged in (empty: run.name).")
     baseline: str = option("none", "Also run the centralized baseline (one client, all data, same passes) and compare.", choices=["none", "centralized"])
+    baseline_threads: int = option(0, "Torch threads of the centralized baseline's lone client (0: as many as one federated client computes with, so that both train at the same speed per example; more threads pay only on otherwise idle cores).", min=0)
     baseline_concurrent: bool = option(False, "Run the centralized baseline at the same time as the federated run, in a forked process on one core (the federated run gets the other cores); needs fork and 2+ cores.")
     runtime: str = option("simulation", "Where simulated clients run: 'simulation' (this machine: in-process or forked workers, see workers) or 'ray' (Ray actors on whatever cluster ray_address reaches; pip install 'fedguard[ray]').", choices=["simulation", "ray"])
     device: str = option("cpu", "Device for models, training and evaluation: cpu, cuda, cuda:<index>, or auto (cuda when available, else cpu). Several simulated clients share one GPU.")
@@ -79,6 +83,7 @@ class DataConfig:
     alpha: float = option(1.0, "Dirichlet concentration (label skew for 'dirichlet', size skew for 'quantity'); smaller is more skewed.", min=1e-6)
     shards_per_client: int = option(2, "Classes-per-client shards for 'shards' (McMahan et al. 2017).", min=1)
     client_test_fraction: float = option(0.0, "Share of each client's data held out as its local test split.", min=0.0, max=0.9)
+    validation_fraction: float = option(0.0, "Share of the training data the server holds out (stratified by label, seeded, taken before partitioning: no client trains on it) to choose hyper-parameters on. Then per-round metrics are validation metrics (val_*) and the test set is evaluated once, after the last round. Never taken from the test set.", min=0.0, max=0.5)
     max_train_examples: int = option(0, "Use only the first N training examples (0: all).", min=0)
 
 
@@ -176,7 +181,14 @@ def _check_task(name: Any) -> None:
         raise ValueError(f"{name!r} is not available; choose one of {sorted(TASK_BUILDERS)}")
 
 
+def _check_loggers(names: Any) -> None:
+    from fedguard.report.tracking import check_loggers
+
+    check_loggers(names)
+
+
 register_check("data.dataset", _check_dataset)
+register_check("run.loggers", _check_loggers)
 register_check("task.name", _check_task)
 
 

@@ -77,6 +77,7 @@ class Server:
         federated_eval: bool = False,
         fit_config: FitConfig | None = None,
         device: torch.device | str = "cpu",
+        eval_prefix: str = "test",
     ) -> None:
         pipeline.validate()
         self.task, self.model, self.pipeline = task, model, pipeline
@@ -86,6 +87,8 @@ class Server:
         self.fit_config = fit_config
         #: where the server evaluates; the global model, aggregation and messages stay on the CPU
         self.device = torch.device(device)
+        #: what the held-out data of the per-round evaluation is called in the metrics (test or val)
+        self.eval_prefix = eval_prefix
         self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
         self.round = 0
 
@@ -154,7 +157,7 @@ class Server:
         )
         if evaluate and self.test_data is not None:
             t0 = time.perf_counter()
-            record.metrics.update({f"test_{k}": v for k, v in self.evaluate().items()})
+            record.metrics.update({f"{self.eval_prefix}_{k}": v for k, v in self.evaluate().items()})
             record.eval_s = time.perf_counter() - t0
         if evaluate and self.federated_eval:
             t0 = time.perf_counter()

@@ -35,13 +35,15 @@ from fedguard.config import Config
 from fedguard.data.arrays import ArrayDataset
 from fedguard.data.partition import Partition, label_matrix, partition, train_test_split_per_client
 from fedguard.data.registry import load_dataset
+from fedguard.data.validation import stratified_split
 from fedguard.device import CPU_ONLY_TASKS, check_device_spec, resolve_device
 from fedguard.engine import Server
 from fedguard.pipeline.base import ConfigurationError
-from fedguard.report.markdown import write_comparison, write_report
+from fedguard.report.markdown import curve_pictures, write_comparison, write_report
 from fedguard.report.metrics import MetricsWriter, json_safe, read_metrics
 from fedguard.report.partition_plot import plot_label_heatmap
 from fedguard.report.progress import RunProgress, print_summary, round_line
+from fedguard.report.tracking import Trackers, default_mlflow_uri, start_trackers
 from fedguard.runtime.base import Communicator, FaultModel
 from fedguard.runtime.client import ClientApp
 from fedguard.runtime.forked_job import ForkedJob, fork_available
@@ -84,7 +86,6 @@ CENTRALIZED_OVERRIDES: dict[str, Any] = {
     "faults.leave": [],
     "run.baseline": "none",
     "run.workers": "1",
-    "run.client_threads": 0,
     "run.runtime": "simulation",
     "server.optimizer": "fedavg",
     "server.lr": 1.0,
@@ -109,6 +110,8 @@ class Setup:
     local_test: Partition | list[np.ndarray] = field(default_factory=list)
     #: where this process trains and evaluates (``run.device``)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: the server's validation set (None without data.validation_fraction)
+    validation: ArrayDataset | None = None
 
     def make_client(self, cid: int, store: Any) -> ClientApp:
         """Client ``cid`` with its own slice of the data."""
@@ -191,6 +194,10 @@ class Experiment:
         self.quiet = quiet
         self._progress: RunProgress | None = None
         self._title = "fedguard run summary"
+        #: torch threads each simulated client computed with (set when the clients are built)
+        self._client_threads: int | None = None
+        #: the task's primary metric and whether higher is better (set when the run is assembled)
+        self.primary_metric: tuple[str, bool] = ("accuracy", True)
         #: the cores this run may use (None: all); set when the baseline runs beside it
         self._cores: int | None = None
 
@@ -239,6 +246,18 @@ class Experiment:
             train = train.subset(np.arange(n), train.name)
         return train, test
 
+    def split_validation(self, train: ArrayDataset) -> tuple[ArrayDataset, ArrayDataset | None]:
+        """(training set without the validation examples, validation set), or (train, None)
+        without ``data.validation_fraction``: see :mod:`fedguard.data.validation`."""
+        fraction = self.config.data.validation_fraction
+        if not fraction:
+            return train, None
+        kept, held = stratified_split(train.labels, fraction, self.config.run.seed)
+        if len(held) == 0:
+            raise ConfigurationError(f"data.validation_fraction={fraction:g} of {len(train)} training examples "
+                                     "holds out none; use a larger fraction")
+        return train.subset(kept, train.name), train.subset(held, f"{train.name}-validation")
+
     def make_partitions(self, train: ArrayDataset) -> Partition:
         """Each client's example indices."""
         if self.partitions is not None:
@@ -286,6 +305,7 @@ class Experiment:
         """Build every part of the run from the configuration (no training yet)."""
         cfg = self.config
         train, test = self.load_data()
+        train, validation = self.split_validation(train)
         parts = self.make_partitions(train)
         empty = np.flatnonzero(parts.sizes() == 0)
         if empty.size:
@@ -301,7 +321,8 @@ class Experiment:
         trainer = builders.build_trainer(bctx)
         pipeline = builders.build_pipeline(bctx)
         device = self.device()
-        return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline, local_test, device)
+        return Setup(cfg, train, test, parts, task, model, sampler, trainer, pipeline, local_test, device,
+                     validation=validation)
 
     def device(self) -> torch.device:
         """The device of ``run.device`` on this machine, checked against the task.
@@ -413,6 +434,7 @@ class Experiment:
         if threads:
             torch.set_num_threads(threads)
         setup = self.assemble()
+        self.primary_metric = (setup.task.primary_metric, setup.task.higher_is_better)
         run_dir = self._run_dir_for(run_dir, resume)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(cfg.to_toml())
@@ -431,13 +453,14 @@ class Experiment:
             setup.pipeline,
             setup.sampler,
             comm,
-            setup.test,
+            setup.validation if setup.validation is not None else setup.test,
             cfg.run.seed,
             cfg.server.min_clients,
             self.log,
             federated_eval=bool(setup.local_test),
             fit_config=schedule_fit_config(cfg.train.lr_schedule, cfg.run.rounds),
             device=setup.device,
+            eval_prefix="val" if setup.validation is not None else "test",
         )
         first_round = 1
         if resume:
@@ -465,6 +488,7 @@ class Experiment:
 
         faults = FaultModel(cfg.faults.dropout_rate, cfg.run.seed, (cfg.faults.dropout_stage,))
         threads = cfg.run.client_threads or max(1, self._core_count() // n_workers)
+        self._client_threads = threads
         comm: Communicator = (
             WorkerPoolCommunicator(make_client, n_workers, faults, lambda c: len(setup.parts[c]), threads)
             if n_workers > 1
@@ -491,10 +515,21 @@ class Experiment:
 
     def _run_centralized(self, run_dir: Path, cores: int | None = None, progress: bool = True) -> RunResult:
         """The same task, model, training and rounds with one client holding all the data
-        (on ``cores`` cores, default all)."""
+        (on at most ``cores`` cores, default all).
+
+        The lone client computes with as many torch threads as one federated client did
+        (``run.baseline_threads`` to change it), so that it trains at a federated client's speed
+        per example: a client with all the cores' threads runs up to 8x slower per example as
+        soon as other processes compete for the cores (each parallel step waits for its slowest
+        thread), and only about 1.5x faster on two idle cores.
+        """
         base = Config.from_dict(self.config.to_dict())
         for key, value in CENTRALIZED_OVERRIDES.items():
             base.set(key, value)
+        threads = self.config.run.baseline_threads or self._client_threads or self.config.run.client_threads or 1
+        base.set("run.client_threads", threads)
+        if not base.run.mlflow_uri:  # the baseline's MLflow run goes where the federated run's went
+            base.set("run.mlflow_uri", default_mlflow_uri(run_dir))
         if not progress:
             base.set("run.progress", False)
         self.log("running the centralized baseline (one client, all the data, same passes)")
@@ -515,6 +550,7 @@ class Experiment:
         self.log(f"fedguard {__version__}: {'resuming' if append else 'starting'} {run_dir} at round {first} "
                  f"of {rounds}", echo=False)
         self._progress = progress
+        trackers = start_trackers(cfg, run_dir, append, self.log)
         try:
             with progress:
                 for r in range(first, rounds + 1):
@@ -536,10 +572,12 @@ class Experiment:
                         )
                         self.log(stopped, echo=False)
                         writer.write({**row, "aborted": f"diverged: {what}"})
+                        trackers.log_round(row)
                         break
                     if evaluate and cfg.run.report:
                         task.on_evaluate(setup.model, server.params, r, run_dir / "plots")
                     writer.write(row)
+                    trackers.log_round(row)
                     progress.update(row)
                     self.log(f"round {r}/{rounds}  {round_line(row, rounds, task.primary_metric)}  "
                              f"{row['seconds']:.2f} s", echo=False)
@@ -549,27 +587,37 @@ class Experiment:
             self._progress = None
             writer.close()
             save_file({k: v.contiguous() for k, v in server.params.items()}, str(run_dir / "model.safetensors"))
+        rows = read_metrics(run_dir / "metrics.jsonl")
+        failure = f"{diverged} (run folder: {run_dir})" if diverged else None
+        ran = [row for row in rows if row["round"] >= first]
+        if failure is None and ran and all(row.get("aborted") for row in ran):
+            failure = (f"no round updated the model: all {len(ran)} rounds were aborted (round {ran[-1]['round']}: "
+                       f"{ran[-1]['aborted']}); the model is the initial one (run folder: {run_dir})")
         try:
-            rows = read_metrics(run_dir / "metrics.jsonl")
-            final = self._finish(server, run_dir, rows, setup, stopped)
+            final = self._finish(server, run_dir, rows, setup, stopped, trackers, failure is not None)
         finally:
             self._close_log()
         result = RunResult(run_dir, rows, final, server.params, stopped)
-        if diverged:
-            raise health.RunFailed(f"{diverged} (run folder: {run_dir})", result)
-        ran = [row for row in rows if row["round"] >= first]
-        if ran and all(row.get("aborted") for row in ran):
-            raise health.RunFailed(
-                f"no round updated the model: all {len(ran)} rounds were aborted (round {ran[-1]['round']}: "
-                f"{ran[-1]['aborted']}); the model is the initial one (run folder: {run_dir})", result)
+        if failure:
+            raise health.RunFailed(failure, result)
         return result
 
     def _finish(
-        self, server: Server, run_dir: Path, rows: list[dict[str, Any]], setup: Setup, stopped: str | None
+        self, server: Server, run_dir: Path, rows: list[dict[str, Any]], setup: Setup, stopped: str | None,
+        trackers: Trackers, failed: bool,
     ) -> dict[str, Any]:
-        task, model, train, test = setup.task, setup.model, setup.train, setup.test
-        final: dict[str, Any] = {f"test_{k}": v for k, v in server.evaluate().items()}
+        task, model, train, test, validation = setup.task, setup.model, setup.train, setup.test, setup.validation
+        final: dict[str, Any] = {f"{server.eval_prefix}_{k}": v for k, v in server.evaluate().items()}
         t_final = time.perf_counter()
+        if validation is not None:
+            # what the settings are chosen on; then the test set, read this once
+            chosen_on = task.final_metrics(model, server.params, train, validation)
+            final.update({f"val_{k}": v for k, v in chosen_on.items()})
+            held_out, server.test_data = server.test_data, test  # the server's evaluation, on its device
+            try:
+                final.update({f"test_{k}": v for k, v in server.evaluate().items()})
+            finally:
+                server.test_data = held_out
         final.update(task.final_metrics(model, server.params, train, test))
         final["final_metrics_s"] = time.perf_counter() - t_final
         final.update(server.pipeline.ledger.report())
@@ -584,6 +632,11 @@ class Experiment:
             figures = task.report_figures(model, server.params, test, run_dir / "plots", "final")
             figures = [("Label distribution per client", run_dir / "plots" / "partition.png"), *figures]
             write_report(run_dir, rows, final, figures, self.config.to_toml(), task.primary_metric)
+            pictures = [*curve_pictures(run_dir), *figures]
+        else:
+            pictures = [("Label distribution per client", run_dir / "plots" / "partition.png")]
+        files = [run_dir / name for name in ("config.toml", "summary.json", "metrics.jsonl", "report.md", "log.txt")]
+        trackers.finish(final, pictures, files, failed)
         print_summary(final, run_dir, enabled=not self.quiet, title=self._title)
         return final
 

@@ -18,6 +18,8 @@ from fedguard.types import Params
 
 #: the words in a client failure that say its reply held NaN or infinite values
 NONFINITE_MARKERS = ("nan", "infinite", "non-finite", "beyond +-")
+#: the metrics of a round that evaluate the global model (a NaN among them means it diverged)
+EVALUATION_PREFIXES = ("test_", "val_", "clients_test_")
 
 
 class RunFailed(RuntimeError):
@@ -55,8 +57,8 @@ def divergence(row: dict[str, Any], params: Params) -> str | None:
     if every_update_nonfinite(row):
         cid, reason = next(iter(row["failed_clients"].items()))
         return f"every client's update held NaN or infinite values (client {cid}: {reason})"
-    ignored = {"train_loss"} if row.get("completed_clients", 0) == 0 else set()
-    bad_metrics = [k for k in nonfinite_metrics(row) if k not in ignored]
+    # evaluation metrics only: a NaN train_loss also means "not reported" (e.g. under secure aggregation)
+    bad_metrics = [k for k in nonfinite_metrics(row) if k.startswith(EVALUATION_PREFIXES)]
     if bad_metrics:
         shown = ", ".join(f"{k}={row[k]}" for k in bad_metrics[:3])
         return f"metrics are not finite ({shown})"

@@ -6,12 +6,26 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.report.plots import plot_curves
+from fedguard.report.progress import format_figure
 
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+#: the report's curves: caption and file name under plots/
+CURVES = [
+    ("Held-out metrics per round", "metrics.png"),
+    ("Loss per round", "loss.png"),
+    ("Privacy spent per round", "epsilon.png"),
+]
+
+
+def curve_pictures(run_dir: Path) -> list[tuple[str, Path]]:
+    """The curves :func:`write_report` drew for ``run_dir`` (those with data)."""
+    return [(caption, run_dir / "plots" / name) for caption, name in CURVES if (run_dir / "plots" / name).exists()]
 
 
 def write_report(
@@ -25,16 +39,20 @@ def write_report(
     """Write report.md (and its plots under plots/) into ``run_dir``."""
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
-    metric_keys = sorted({k for r in rows for k in r if k.startswith("test_")})
+    metric_keys = sorted({k for r in rows for k in r if k.startswith(("test_", "val_"))})
     loss_keys = ["train_loss"] + [k for k in metric_keys if "loss" in k or "nll" in k]
     other = [k for k in metric_keys if k not in loss_keys]
     made: list[tuple[str, Path | None]] = [
-        ("Test metrics per round", plot_curves(rows, other, plots / "metrics.png", "Test metrics", "value")),
-        ("Loss per round", plot_curves(rows, loss_keys, plots / "loss.png", "Loss", "loss")),
-        ("Privacy spent per round", plot_curves(rows, ["epsilon"], plots / "epsilon.png", "Privacy", "epsilon")),
+        (CURVES[0][0], plot_curves(rows, other, plots / CURVES[0][1], _held_out_title(metric_keys), "value")),
+        (CURVES[1][0], plot_curves(rows, loss_keys, plots / CURVES[1][1], "Loss", "loss")),
+        (CURVES[2][0], plot_curves(rows, ["epsilon"], plots / CURVES[2][1], "Privacy", "epsilon")),
     ]
-    lines = ["# fedguard run report", "", "## Summary", "", "| figure | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in summary.items()]
+    lines = ["# fedguard run report", "", "## Summary", ""]
+    if any(k.startswith("val_") for k in metric_keys):
+        lines += ["Settings are to be chosen on the validation figures (`val_*`, per round); the test set was "
+                  "evaluated once, after the last round (`test_*`).", ""]
+    lines += ["| figure | value |", "|---|---|"]
+    lines += [f"| {k} | {format_figure(k, v)} |" for k, v in summary.items()]
     lines += ["", "## Curves", ""]
     for caption, path in made:
         if path is not None:
@@ -60,12 +78,17 @@ def write_report(
     return out
 
 
+def _held_out_title(keys: list[str]) -> str:
+    return "Validation metrics" if any(k.startswith("val_") for k in keys) else "Test metrics"
+
+
 def _round_table(rows: list[dict[str, Any]], primary: str) -> str:
     keys = [
         "round",
         "sampled_clients",
         "completed_clients",
         "train_loss",
+        f"val_{primary}",
         f"test_{primary}",
         "epsilon",
         "bytes_sent",
