@@ -241,3 +241,13 @@ def test_missing_data_message_tells_cli_users_the_option(
     rc, _, err = _cli(["run", *_sets("data.dataset=mnist", f"data.data_dir={tmp_path}")], capfd)
     assert rc == 2 and "fedguard run --set data.download=true" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_result_file_the_docs_link_exists() -> None:
+    """Each figure in README.md and docs/ links to the committed result line it comes from."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(((?:\.\./)?benchmarks/results/[^)]+)\)", doc.read_text()):
+            assert (doc.parent / target).resolve().exists(), f"{doc.name} links {target}, which does not exist"
