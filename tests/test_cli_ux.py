@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import fedguard.experiment  # noqa: F401  (registers every section)
 from fedguard import __version__
+from fedguard.checkpoint import load_state
 from fedguard.cli import main as cli_main
 from fedguard.config import SECTIONS, Config
 from fedguard.engine import Server
@@ -147,13 +148,12 @@ def test_a_model_that_turns_nan_keeps_the_last_finite_round_and_its_checkpoint(
                        "--out", str(run_dir)], capfd)
     assert rc == 1 and "training diverged in round 3: the global model holds NaN" in err
     assert "round 2's model" in err
-    checkpoint = _strict_json((run_dir / "checkpoint.json").read_text())
+    checkpoint = load_state(run_dir)
     assert checkpoint["round"] == 2
     model = load_file(str(run_dir / "model.safetensors"))
-    saved = load_file(str(run_dir / "checkpoint.safetensors"))
     for name, tensor in model.items():
         assert torch.isfinite(tensor).all()
-        assert torch.equal(tensor, saved[f"/params/{name}"])
+        assert torch.equal(tensor, checkpoint["params"][name])
     rows = [_strict_json(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[2]["aborted"].startswith("diverged: the global model holds NaN")
