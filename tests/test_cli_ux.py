@@ -251,3 +251,13 @@ def test_every_result_file_the_docs_link_exists() -> None:
     for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         for target in re.findall(r"\]\(((?:\.\./)?benchmarks/results/[^)]+)\)", doc.read_text()):
             assert (doc.parent / target).resolve().exists(), f"{doc.name} links {target}, which does not exist"
+
+
+def test_config_load_knows_every_task_without_importing_the_experiment() -> None:
+    """The registry check loads the families itself: a fresh Python that imports only Config."""
+    import subprocess
+    import sys
+
+    code = "from fedguard import Config; print(Config.load(None, ['task.name=gan']).task.name)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "gan", done.stderr[-2000:]

@@ -175,6 +175,7 @@ def _check_dataset(name: Any) -> None:
 
 
 def _check_task(name: Any) -> None:
+    import fedguard.plugins  # noqa: F401  (every family registers its tasks)
     from fedguard.builders import TASK_BUILDERS
 
     if name not in TASK_BUILDERS:
