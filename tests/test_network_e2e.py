@@ -23,6 +23,7 @@ from fedguard.config import Config
 from fedguard.experiment import Experiment
 from fedguard.runtime.network import auth
 from fedguard.runtime.network.harness import LocalDeployment, metric_rows, simulate
+from fedguard.secure.identity import write_identities
 
 pytestmark = pytest.mark.timeout(480)  # a loaded 2-core machine needs it; a hang still fails
 
@@ -90,6 +91,7 @@ def test_network_run_equals_simulation_while_fuzzed_and_strangers_are_refused(tm
     _assert_same_model(tmp_path / "run", sim.run_dir)
 
 
+@pytest.mark.timeout(480)  # five exchanges per SecAgg round with the consistency check; slow on a loaded machine
 def test_secure_aggregation_survives_client_and_server_kills_like_the_simulation(tmp_path: Path) -> None:
     """SecAgg+ (four request stages per round, secrets held by the clients) with DP-SGD on the
     clients, over the network.
@@ -100,7 +102,9 @@ def test_secure_aggregation_survives_client_and_server_kills_like_the_simulation
     once), the final model and the privacy ledger equal the simulation in which client 3
     failed at round 2's fit request."""
     dp = {"mode": "sample", "noise_multiplier": 1.0}
-    config = _config(3, 4, 800, seed=3, train={"epochs": 2, "max_steps": 12}, secure={"mode": "secagg"}, dp=dp)
+    write_identities(tmp_path / "identities", range(4))  # the clients' Ed25519 PKI, shared by every party
+    secure = {"mode": "secagg", "identities": str(tmp_path / "identities")}
+    config = _config(3, 4, 800, seed=3, train={"epochs": 2, "max_steps": 12}, secure=secure, dp=dp)
     dep = LocalDeployment(tmp_path / "net", clients=4, config=config)
     run_dir = tmp_path / "run"
     server = dep.start_server(run_dir)

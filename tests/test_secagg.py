@@ -157,8 +157,8 @@ def test_too_few_shares_for_a_secret_aborts() -> None:
         simulate_round(clients, server, _inputs(cfg), drop_before_masking=set(nbrs[:2]))
 
 
-def _run_to_masking(cfg: SecAggConfig, inputs):
-    clients, server = make_parties(cfg)
+def _run_to_masking(cfg: SecAggConfig, inputs, signed: bool = True):
+    clients, server = make_parties(cfg, signed)
     keys = server.receive_keys([c.advertise_keys() for c in clients.values()])
     routed = server.receive_shares([clients[u].share_keys(m) for u, m in keys.items()])
     masked = {u: clients[u].mask_input(m, inputs[u]) for u, m in routed.items()}
@@ -181,76 +181,149 @@ def test_server_sees_only_uniform_masked_vectors() -> None:
     assert len(arrays) == 1  # only the running sum is kept, never an individual vector
 
 
+def _unmask_request(req: UnmaskRequest, **changes) -> UnmaskRequest:
+    fields = {k: getattr(req, k) for k in ("recipient", "survived", "dropped", "excluded", "num_survivors",
+                                            "survivors", "signers", "signatures")}
+    return UnmaskRequest(**{**fields, **changes})
+
+
+def _run_to_unmask(cfg: SecAggConfig, signed: bool):
+    clients, server, _, masked = _run_to_masking(cfg, _inputs(cfg), signed)
+    for m in masked.values():
+        server.add_masked_input(m)
+    server.close_masking()
+    if signed:
+        server.receive_signatures([clients[u].sign_survivors(m) for u, m in server.consistency_requests().items()])
+    return clients, server, server.unmask_requests()
+
+
 def test_client_refuses_inconsistent_unmask_requests() -> None:
     cfg = SecAggConfig.create(range(8), 16, round_seed=SEED)
-    clients, server, _, masked = _run_to_masking(cfg, _inputs(cfg))
-    reqs = server.receive_masked_inputs(masked.values())
+    clients, server, reqs = _run_to_unmask(cfg, signed=False)
     req = reqs[0]
-    both = UnmaskRequest(0, req.survived, req.survived[:1], req.num_survivors)
     with pytest.raises(SecAggAbort, match="both survived and dropped"):
-        clients[0].unmask(both)
+        clients[0].unmask(_unmask_request(req, dropped=req.survived[:1]))
     # a client answers only one request, so it can never reveal both shares of a client
     with pytest.raises(SecAggAbort, match="out of order"):
         clients[0].unmask(req)
-    partial = UnmaskRequest(1, reqs[1].survived[1:], reqs[1].dropped, reqs[1].num_survivors)
     with pytest.raises(SecAggAbort, match="do not match"):
-        clients[1].unmask(partial)
-    few = UnmaskRequest(2, reqs[2].survived[:1], reqs[2].survived[1:], 2)
+        clients[1].unmask(_unmask_request(reqs[1], survived=reqs[1].survived[1:]))
     with pytest.raises(SecAggAbort, match="survivors claimed"):
-        clients[2].unmask(few)
+        clients[2].unmask(_unmask_request(reqs[2], survived=reqs[2].survived[:1], dropped=reqs[2].survived[1:],
+                                          num_survivors=2))
     resp = clients[3].unmask(reqs[3])
     assert isinstance(resp, UnmaskResponse) and len(resp.b_owners) == 7 and len(resp.s_owners) == 0
 
 
-def test_tampered_or_misrouted_share_ciphertext_aborts() -> None:
-    cfg = SecAggConfig.create(range(5), 8, round_seed=SEED)
-    clients, server = make_parties(cfg)
-    keys = server.receive_keys([c.advertise_keys() for c in clients.values()])
-    routed = server.receive_shares([clients[u].share_keys(m) for u, m in keys.items()])
-    bad = routed[0].ciphertexts.copy()
-    bad[0, 20] ^= 1
-    tampered = EncryptedShares(0, routed[0].senders, bad)
-    swapped = EncryptedShares(1, routed[1].senders, routed[1].ciphertexts[::-1].copy())
-    inputs = _inputs(cfg)
-    masked = [clients[0].mask_input(tampered, inputs[0]), clients[1].mask_input(swapped, inputs[1])]
-    masked += [clients[u].mask_input(routed[u], inputs[u]) for u in (2, 3, 4)]
-    reqs = server.receive_masked_inputs(masked)
-    with pytest.raises(SecAggAbort, match="failed authentication"):
-        clients[0].unmask(reqs[0])
-    with pytest.raises(SecAggAbort, match="failed authentication"):
-        clients[1].unmask(reqs[1])
+def test_signed_client_refuses_views_without_t_matching_signatures() -> None:
+    """Adversary: a server that shows clients different survivor lists (to collect both shares of
+    one client) or forges the consistency signatures. With the PKI each client needs t survivors'
+    signatures of the very list the request follows from."""
+    cfg = SecAggConfig.create(range(8), 16, round_seed=SEED)
+    clients, server, reqs = _run_to_unmask(cfg, signed=True)
+    req = reqs[0]
+    # claim client 5 dropped: the lists no longer follow from the signed survivor list
+    gone = req.survived[req.survived != 5]
+    with pytest.raises(SecAggAbort, match="contradicts the signed survivor list"):
+        clients[0].unmask(_unmask_request(req, survived=gone, dropped=np.array([5])))
+    # a survivor list without client 5, with signatures over the real one
+    lie = req.survivors[req.survivors != 5]
+    with pytest.raises(SecAggAbort, match="contradicts|verify"):
+        clients[1].unmask(_unmask_request(reqs[1], survivors=lie, survived=reqs[1].survived[reqs[1].survived != 5],
+                                          dropped=np.array([5]), num_survivors=7))
+    # too few signatures, or one forged
+    with pytest.raises(SecAggAbort, match="verify"):
+        clients[2].unmask(_unmask_request(reqs[2], signers=reqs[2].signers[:3], signatures=reqs[2].signatures[:3]))
+    forged = reqs[3].signatures.copy()
+    forged[0, 0] ^= 1
+    with pytest.raises(SecAggAbort, match="verify"):
+        clients[3].unmask(_unmask_request(reqs[3], signatures=forged))
+    resp = clients[4].unmask(reqs[4])
+    assert len(resp.b_owners) == 7
+
+
+def test_garbage_share_ciphertext_excludes_its_sender_not_the_round() -> None:
+    """Adversary: client 0 sends its neighbours share ciphertexts that do not open. Each recipient
+    rejects them and leaves client 0 out of its masks; the server excludes client 0 and the round
+    sums the others exactly (it used to abort every round at unmasking)."""
+    cfg = SecAggConfig.create(range(6), 16, round_seed=SEED)
+    for signed in (False, True):
+        clients, server = make_parties(cfg, signed)
+        keys = server.receive_keys([c.advertise_keys() for c in clients.values()])
+        shares = [clients[u].share_keys(m) for u, m in keys.items()]
+        shares[0].ciphertexts[:, 20:] ^= 0x5A  # garbage under every recipient's key
+        routed = server.receive_shares(shares)
+        inputs = _inputs(cfg)
+        masked = {u: clients[u].mask_input(routed[u], inputs[u]) for u in routed}
+        assert all(m.rejected.tolist() == [0] for u, m in masked.items() if u != 0)
+        for m in masked.values():
+            server.add_masked_input(m)
+        assert server.close_masking() == [1, 2, 3, 4, 5] and server.excluded == {0}
+        if signed:
+            server.receive_signatures([clients[u].sign_survivors(m) for u, m in server.consistency_requests().items()])
+        reqs = server.unmask_requests()
+        result = server.finish([clients[u].unmask(m) for u, m in reqs.items()])
+        np.testing.assert_array_equal(result.ring_sum, _quantized_sum(cfg, inputs, [1, 2, 3, 4, 5]))
+        assert "excluded" in server.refused[0]
+
+
+def test_exclusion_cover_blames_the_client_with_most_complaints() -> None:
+    from fedguard.secure.secagg import exclusion_cover
+
+    assert exclusion_cover({1: {0}, 2: {0}, 3: {0}}) == {0}  # 0's shares fail at three neighbours
+    assert exclusion_cover({0: {1, 2, 3}}) == {0}  # 0 complains about three neighbours
+    assert exclusion_cover({1: {0}}) == {0, 1}  # one complaint: cannot tell who lies
+    assert exclusion_cover({}) == set()
+
+
+def test_one_malicious_complainer_costs_at_most_one_honest_client() -> None:
+    """Adversary: client 0 claims every neighbour's shares failed (it can't prove or disprove
+    that): the cover excludes client 0 only, and the others' sum is exact."""
+    cfg = SecAggConfig.create(range(6), 16, round_seed=SEED)
+    clients, server, routed, masked = _run_to_masking(cfg, _inputs(cfg, 1))
+    masked[0] = MaskedInput(0, masked[0].masked, routed[0].senders.copy())
+    for m in masked.values():
+        server.add_masked_input(m)
+    assert server.close_masking() == [1, 2, 3, 4, 5]
+    server.receive_signatures([clients[u].sign_survivors(m) for u, m in server.consistency_requests().items()])
+    reqs = server.unmask_requests()
+    result = server.finish([clients[u].unmask(m) for u, m in reqs.items()])
+    np.testing.assert_array_equal(result.ring_sum, _quantized_sum(cfg, _inputs(cfg, 1), [1, 2, 3, 4, 5]))
 
 
 def test_client_rejects_bad_key_broadcast() -> None:
     cfg = SecAggConfig.create(range(20), 8, neighbours=4, round_seed=SEED)
-    clients, server = make_parties(cfg)
+    clients, server = make_parties(cfg, signed=False)
     keys = server.receive_keys([c.advertise_keys() for c in clients.values()])
     k0 = keys[0]
-    dup = KeysBroadcast(0, k0.ids, k0.c_pks, np.repeat(k0.s_pks[:1], len(k0.ids), axis=0))
+    dup = KeysBroadcast(0, k0.ids, k0.c_pks, np.repeat(k0.s_pks[:1], len(k0.ids), axis=0), k0.signatures)
     with pytest.raises(SecAggAbort, match="not all distinct"):
         clients[0].share_keys(dup)
-    few = KeysBroadcast(1, keys[1].ids[:2], keys[1].c_pks[:2], keys[1].s_pks[:2])
+    few = KeysBroadcast(1, keys[1].ids[:2], keys[1].c_pks[:2], keys[1].s_pks[:2], keys[1].signatures[:2])
     with pytest.raises(SecAggAbort, match="only 2 of its 4 neighbours advertised keys"):
         clients[1].share_keys(few)
     stranger = next(v for v in range(20) if v not in cfg.graph[2] and v != 2)
-    fake = KeysBroadcast(2, np.array([stranger, *keys[2].ids[1:]]), keys[2].c_pks, keys[2].s_pks)
+    fake = KeysBroadcast(2, np.array([stranger, *keys[2].ids[1:]]), keys[2].c_pks, keys[2].s_pks, keys[2].signatures)
     with pytest.raises(SecAggAbort, match="non-neighbours"):
         clients[2].share_keys(fake)
 
 
-def test_server_rejects_malformed_messages() -> None:
+def test_server_leaves_out_malformed_messages() -> None:
     cfg = SecAggConfig.create(range(4), 8, round_seed=SEED)
     clients, server = make_parties(cfg)
     adv = [c.advertise_keys() for c in clients.values()]
-    with pytest.raises(SecAggAbort, match="repeated"):
-        SecAggServer(cfg).receive_keys(adv + adv[:1])
-    keys = server.receive_keys(adv)
+    SecAggServer(cfg).receive_keys(adv + adv[:1])  # a repeat is left out, not an abort
+    bad_sig = AdvertiseKeys(3, adv[3].c_pk, adv[3].s_pk, bytes(64))
+    keys = server.receive_keys([*adv[:3], bad_sig])
+    assert set(keys) == {0, 1, 2} and "signature" in server.refused[3]
     routed = server.receive_shares([clients[u].share_keys(m) for u, m in keys.items()])
     server.add_masked_input(clients[0].mask_input(routed[0], np.zeros(8)))
     with pytest.raises(SecAggAbort, match="expected uint32"):
-        server.add_masked_input(MaskedInput(1, np.zeros(9, np.uint32)))
+        server.add_masked_input(MaskedInput(1, np.zeros(9, np.uint32), np.zeros(0, np.int64)))
     with pytest.raises(SecAggAbort, match="unexpected or repeated"):
-        server.add_masked_input(MaskedInput(99, np.zeros(8, np.uint32)))
+        server.add_masked_input(MaskedInput(99, np.zeros(9, np.uint32), np.zeros(0, np.int64)))
+    with pytest.raises(SecAggAbort, match="sent it nothing"):
+        server.add_masked_input(MaskedInput(1, np.zeros(8, np.uint32), np.array([3])))
 
 
 def test_weighted_fedavg() -> None:
@@ -283,7 +356,7 @@ def test_messages_roundtrip_and_byte_accounting() -> None:
     trace = simulate_round(clients, server, _inputs(cfg), drop_before_masking={4})
     sent = trace.bytes_sent[0]
     assert 4000 < sent < 4000 + 22 * 400  # masked vector dominates; shares ~160 B each
-    m = AdvertiseKeys(3, b"a" * 32, b"b" * 32)
+    m = AdvertiseKeys(3, b"a" * 32, b"b" * 32, b"s" * 64)
     back = AdvertiseKeys.from_arrays(*m.to_arrays())
     assert (back.sender, back.c_pk, back.s_pk) == (3, m.c_pk, m.s_pk)
     with pytest.raises(ValueError):

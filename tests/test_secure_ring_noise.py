@@ -67,7 +67,7 @@ def test_noise_beyond_the_headroom_wraps_modulo_the_ring() -> None:
     (so always while |noise sum| < 2^(b-1) - n*L/2) and comes back shifted by 2^b outside it."""
     cfg = SecAggConfig.create(range(3), 4, round_seed=SEED, ring_bits=16, noise_headroom_bits=2)
     q = cfg.quantizer
-    clients, server = make_parties(cfg)
+    clients, server = make_parties(cfg, signed=False)
     inputs = {u: np.zeros(4) for u in cfg.client_ids}
     base = 3 * int(q.quantize(np.zeros(1))[0])
     low, high = 3 * q.levels // 2 - 2**15, 3 * q.levels // 2 + 2**15  # the decodable window

@@ -96,9 +96,11 @@ def build_trainer(ctx: BuildContext) -> LocalSGD:
 def build_pipeline(ctx: BuildContext) -> UpdatePipeline:
     """The update pipeline for the configuration, validated."""
     s = ctx.config.server
-    parts = PipelineParts(aggregator=FedAvg(s.weighting))
+    parts = PipelineParts(aggregator=FedAvg(s.weighting, ctx.client_sizes))
     for hook in PIPELINE_HOOKS:
         hook(parts, ctx)
+    if isinstance(parts.aggregator, FedAvg) and parts.aggregator.registered is None:
+        parts.aggregator.registered = tuple(ctx.client_sizes)  # claims above a client's registration are refused
     pipeline = UpdatePipeline(
         aggregator=parts.aggregator,
         server_optimizer=build_server_optimizer(s.optimizer, s.lr, s.momentum, s.beta1, s.beta2, s.tau),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -16,8 +17,14 @@ class UpdateRejected(ValueError):
     """A client's reply that cannot be used: wrong shape, dtype, round, or non-finite values."""
 
 
-def check_update(msg: Message, like: Params, round: int, max_abs: float = 1e6) -> Params:
-    """The update carried by ``msg``, or :class:`UpdateRejected` naming what is wrong."""
+def check_update(
+    msg: Message, like: Params, round: int, max_abs: float = 1e6, max_examples: float | None = None
+) -> Params:
+    """The update carried by ``msg``, or :class:`UpdateRejected` naming what is wrong.
+
+    ``max_examples`` is the client's registered dataset size (what the server knows): a client
+    claiming more examples than that (to weigh more in the mean) is refused.
+    """
     if msg.kind != "fit_result":
         raise UpdateRejected(f"expected a fit_result, got {msg.kind!r}")
     if msg.round != round:
@@ -39,6 +46,8 @@ def check_update(msg: Message, like: Params, round: int, max_abs: float = 1e6) -
     weight = msg.meta.get("num_examples")
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         raise UpdateRejected(f"num_examples must be a positive number, got {weight!r}")
+    if max_examples is not None and weight > max_examples:
+        raise UpdateRejected(f"num_examples {weight:g} exceeds the client's registered dataset size {max_examples:g}")
     return msg.tensors
 
 
@@ -64,14 +73,25 @@ def weighted_metrics(replies: list[Message], weights: list[float]) -> dict[str, 
 
 
 class FedAvg(Aggregator):
-    """Weighted mean of plaintext updates; ``weighting`` is ``examples`` or ``uniform``."""
+    """Weighted mean of plaintext updates; ``weighting`` is ``examples`` or ``uniform``.
+
+    ``registered`` are the clients' registered dataset sizes by id (what the server knows); a
+    client claiming more examples than its registration is refused.
+    """
 
     name = "fedavg"
 
-    def __init__(self, weighting: str = "examples") -> None:
+    def __init__(self, weighting: str = "examples", registered: Sequence[int] | None = None) -> None:
         if weighting not in ("examples", "uniform"):
             raise ValueError(f"weighting must be 'examples' or 'uniform', got {weighting!r}")
         self.weighting = weighting
+        self.registered = tuple(registered) if registered is not None else None
+
+    def registered_size(self, client: int) -> float | None:
+        """The registered dataset size of ``client`` (None when the server has no registry)."""
+        if self.registered is None:
+            return None
+        return float(self.registered[client]) if 0 <= client < len(self.registered) else 0.0
 
     def collect(
         self, comm: Communicator, round: int, fit_messages: dict[int, Message], like: Params, ctx: ServerContext
@@ -83,7 +103,7 @@ class FedAvg(Aggregator):
         for cid in sorted(exchange.replies):
             msg = exchange.replies[cid]
             try:
-                update = check_update(msg, like, round)
+                update = check_update(msg, like, round, max_examples=self.registered_size(cid))
             except UpdateRejected as exc:
                 failed[cid] = f"rejected: {exc}"
                 ctx.log(f"round {round}: update from client {cid} rejected: {exc}")

@@ -37,8 +37,27 @@ class SecureConfig:
         "0: the largest client's dataset size (known in simulation); 1 with server.weighting=uniform.",
         min=0,
     )
+    identities: str = option(
+        "",
+        "SecAgg: folder of the clients' long-term Ed25519 identities (directory.json, and client-K.ed25519 on "
+        "client K only; python -m fedguard.secure.identity --out DIR --clients N). Empty: each simulation "
+        "enrols its clients afresh; over the network every party needs the same folder.",
+    )
     key_holder: int = option(0, "CKKS: id of the client that generates the keys and decrypts the aggregate.", min=0)
     ckks_poly_degree: int = option(8192, "CKKS ring degree N (N/2 - 1 values per ciphertext).",
                                    choices=[4096, 8192, 16384, 32768])
-    ckks_coeff_bits: list[int] = option([60, 60], "CKKS coefficient-modulus prime sizes in bits (last: special prime).")
-    ckks_scale_bits: int = option(40, "CKKS encoding scale 2^bits.", min=20, max=60)
+    ckks_coeff_bits: list[int] = option(
+        [60, 60, 60],
+        "CKKS coefficient-modulus prime sizes in bits (last: special prime); the forged-aggregate check needs two "
+        "data primes.",
+    )
+    ckks_scale_bits: int = option(
+        56, "CKKS encoding scale 2^bits (the noise flooding at decryption needs about 2^52 or more).", min=20, max=60
+    )
+    ckks_statistical_security: int = option(
+        40,
+        "CKKS: statistical security s of the noise flooding at decryption (Li et al. 2022): an attacker recovering "
+        "the key from released values succeeds with probability at most 2^-s.",
+        min=30,
+        max=80,
+    )

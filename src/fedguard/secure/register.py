@@ -7,6 +7,10 @@ combination is refused here, at configuration time, with the reason and what to 
 
 from __future__ import annotations
 
+import math
+
+import torch
+
 from fedguard.algorithms.fedavg import FedAvg
 from fedguard.builders import PIPELINE_HOOKS, BuildContext, PipelineParts
 from fedguard.config import register_section
@@ -14,7 +18,10 @@ from fedguard.pipeline.base import Aggregator, ConfigurationError
 
 from .ckks_aggregator import CKKSAggregator, CKKSSettings
 from .config import SecureConfig
+from .identity import Enrolment, IdentityError, enrol, load_identities
 from .secagg_aggregator import SecAggAggregator, SecAggSettings, build_ring_noise
+
+PROJECTION_BITS = 16  # fedguard.secure.ckks.PROJECTION_BITS, without importing TenSEAL here
 
 register_section("secure", SecureConfig)
 
@@ -52,8 +59,9 @@ def build_secure_aggregator(ctx: BuildContext) -> Aggregator:
             threshold=s.threshold or None,
             min_survivors=s.min_survivors or None,
             min_clients=server.min_clients,
-            seed=ctx.config.run.seed,
             ring_noise=build_ring_noise(ctx),
+            registered=tuple(int(n) for n in ctx.client_sizes),
+            enrolment=_enrolment(ctx),
         )
         _check_secagg(settings, ctx)
         return SecAggAggregator(settings)
@@ -68,9 +76,28 @@ def build_secure_aggregator(ctx: BuildContext) -> Aggregator:
         max_weight(ctx),
         server.weighting,
         max(2, server.min_clients),
+        s.clip,
+        s.ckks_statistical_security,
+        tuple(int(n) for n in ctx.client_sizes),
     )
-    _check_ckks(settings_ckks)
+    _check_ckks(settings_ckks, ctx)
     return CKKSAggregator(settings_ckks)
+
+
+def _enrolment(ctx: BuildContext) -> Enrolment:
+    """The clients' long-term identities: the ``secure.identities`` folder (a deployment), or a fresh
+    enrolment of every client (a simulation: the experiment is the enrolment authority)."""
+    folder = ctx.config.secure.identities
+    if folder:
+        try:
+            enrolment = load_identities(folder)
+        except IdentityError as exc:
+            raise ConfigurationError(f"secure.identities: {exc}") from exc
+        missing = [c for c in range(ctx.sampler.population) if c not in enrolment.directory]
+        if missing:
+            raise ConfigurationError(f"secure.identities: clients {missing[:5]} are not in {folder}/directory.json")
+        return enrolment
+    return enrol(range(ctx.sampler.population))
 
 
 def _check_secagg(settings: SecAggSettings, ctx: BuildContext) -> None:
@@ -86,15 +113,23 @@ def _check_secagg(settings: SecAggSettings, ctx: BuildContext) -> None:
     )
 
 
-def _check_ckks(settings: CKKSSettings) -> None:
-    """CKKS parameters TenSEAL would refuse, and scales with no room above them, refused early."""
-    bits = settings.coeff_mod_bit_sizes
-    if len(bits) < 2:
-        raise ConfigurationError("secure.ckks_coeff_bits needs at least two primes (data prime and special prime)")
-    if bits[0] <= settings.global_scale_bits + 1:
+def _check_ckks(settings: CKKSSettings, ctx: BuildContext) -> None:
+    """CKKS parameters TenSEAL would refuse, or with no room for the sum and its check, refused early."""
+    bits, scale = settings.coeff_mod_bit_sizes, settings.global_scale_bits
+    if len(bits) < 3:
         raise ConfigurationError(
-            f"secure.ckks_coeff_bits[0]={bits[0]} leaves no room above the scale 2^{settings.global_scale_bits}; "
-            "the first prime must exceed the scale bits by the bits of the largest sum"
+            "secure.ckks_coeff_bits needs two data primes and the special prime (e.g. [60, 60, 60]): the server's "
+            "check against a forged aggregate multiplies by a secret random vector, which doubles the scale"
+        )
+    clients = max(2, ctx.sampler.per_round(ctx.sampler.population))
+    length = _model_size(ctx)
+    folded = settings.ciphertexts(length)
+    need = 2 * scale - PROJECTION_BITS + math.log2(folded * clients * settings.clip) + 2
+    if need > sum(bits[:-1]) or bits[0] <= scale:
+        raise ConfigurationError(
+            f"secure.ckks_scale_bits={scale} leaves no room in {sum(bits[:-1])} bits of data modulus for the check "
+            f"of {clients} clients x {folded} ciphertexts at clip {settings.clip:g} (needs {need:.0f} bits, and a "
+            "first prime above the scale): lower the scale or the clip, or add a data prime"
         )
     try:  # one thread: no TenSEAL thread pool may exist when the simulation forks its workers
         import tenseal as ts
@@ -102,6 +137,18 @@ def _check_ckks(settings: CKKSSettings) -> None:
         ts.context(ts.SCHEME_TYPE.CKKS, settings.poly_modulus_degree, -1, list(bits), n_threads=1)
     except Exception as exc:  # TenSEAL refuses insecure or malformed parameters
         raise ConfigurationError(f"[secure] CKKS parameters refused: {exc}") from exc
+    sigma = settings.value_sigma(clients, length)
+    ctx.log(
+        f"secure aggregation: CKKS, decryptions flooded for {settings.statistical_security}-bit statistical security: "
+        f"noise of {sigma:.2g} per summed value (at most about {6 * sigma:.2g} over a model; the mean divides it "
+        "by the clients' share of the largest weight)"
+    )
+
+
+def _model_size(ctx: BuildContext) -> int:
+    """Parameters of the task's model (built without touching the global random state)."""
+    with torch.random.fork_rng(devices=[]):
+        return sum(p.numel() for p in ctx.task.build_model().parameters())
 
 
 def _secure_hook(parts: PipelineParts, ctx: BuildContext) -> None:

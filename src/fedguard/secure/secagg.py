@@ -83,6 +83,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from .identity import SIGNATURE_BYTES, IdentityDirectory, IdentityKey, enrol
 from .quantize import Quantizer, reduce_ring, ring_dtype
 from .shamir import SHARE_BYTES, ShamirError, Share, reconstruct_secret, split_secret
 from .wire import WireMessage
@@ -91,6 +92,8 @@ __all__ = [
     "SecAggAbort",
     "SecAggConfig",
     "AdvertiseKeys",
+    "ConsistencyRequest",
+    "ConsistencySignature",
     "KeysBroadcast",
     "ShareKeys",
     "EncryptedShares",
@@ -104,6 +107,9 @@ __all__ = [
     "RoundTrace",
     "default_neighbours",
     "neighbour_graph",
+    "exclusion_cover",
+    "keys_payload",
+    "survivors_payload",
     "prg_ring",
     "encode_input",
     "add_ring_noise",
@@ -153,6 +159,16 @@ def prg_ring(seed: bytes, length: int, bits: int) -> np.ndarray:
 def _aad(round_seed: bytes, sender: int, recipient: int) -> bytes:
     """Associated data binding a share ciphertext to its round, sender and recipient."""
     return round_seed + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
+
+
+def keys_payload(config: SecAggConfig, client: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a client signs for its round keys: bound to the round's whole config."""
+    return b"fedguard/secagg/v2/keys" + config.digest + client.to_bytes(8, "big") + c_pk + s_pk
+
+
+def survivors_payload(config: SecAggConfig, survivors: Sequence[int]) -> bytes:
+    """What a survivor signs in the consistency check: the round and the sorted survivor list."""
+    return b"fedguard/secagg/v2/survivors" + config.digest + b"".join(int(u).to_bytes(8, "big") for u in survivors)
 
 
 def default_neighbours(n: int) -> int:
@@ -299,6 +315,13 @@ class SecAggConfig(WireMessage):
         return ((1 << self.ring_bits) - 1) // self.max_clients
 
     @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of every public parameter of the round (what signatures bind to)."""
+        meta, arrays = self.to_arrays()
+        body = json.dumps(meta, sort_keys=True).encode() + arrays["round_seed"].tobytes()
+        return hashlib.sha256(b"fedguard/secagg/v2/config" + body).digest()
+
+    @cached_property
     def graph(self) -> dict[int, tuple[int, ...]]:
         """The public neighbour graph of this round."""
         return neighbour_graph(self.client_ids, self.neighbours, self.round_seed)
@@ -339,24 +362,28 @@ def add_ring_noise(y: np.ndarray, noise: np.ndarray, bits: int) -> np.ndarray:
 
 @dataclass(eq=False)
 class AdvertiseKeys(WireMessage):
-    """Stage 0, client -> server: the client's two X25519 public keys (32 bytes each)."""
+    """Stage 0, client -> server: the client's two X25519 public keys (32 bytes each), signed
+    with its long-term Ed25519 identity over the round's config digest (empty without a PKI)."""
 
     sender: int
     c_pk: bytes
     s_pk: bytes
+    signature: bytes = b""
 
 
 @dataclass(eq=False)
 class KeysBroadcast(WireMessage):
     """Stage 0, server -> client: public keys of the recipient's neighbours that advertised.
 
-    ``ids`` int64 (m,), ``c_pks`` and ``s_pks`` uint8 (m, 32).
+    ``ids`` int64 (m,), ``c_pks`` and ``s_pks`` uint8 (m, 32), ``signatures`` uint8 (m, 64) or
+    (m, 0) without a PKI.
     """
 
     recipient: int
     ids: np.ndarray
     c_pks: np.ndarray
     s_pks: np.ndarray
+    signatures: np.ndarray
 
 
 @dataclass(eq=False)
@@ -382,33 +409,61 @@ class EncryptedShares(WireMessage):
 
 @dataclass(eq=False)
 class MaskedInput(WireMessage):
-    """Stage 2, client -> server: the masked, quantized vector (ring dtype, ring_length)."""
+    """Stage 2, client -> server: the masked, quantized vector (ring dtype, ring_length), and the
+    neighbours whose share ciphertexts failed authentication or decoding (``rejected``, int64):
+    the client did not mask with them."""
 
     sender: int
     masked: np.ndarray
+    rejected: np.ndarray
+
+
+@dataclass(eq=False)
+class ConsistencyRequest(WireMessage):
+    """Stage 3 (with a PKI), server -> client: the clients whose masked inputs are in the sum."""
+
+    recipient: int
+    survivors: np.ndarray
+
+
+@dataclass(eq=False)
+class ConsistencySignature(WireMessage):
+    """Stage 3, client -> server: the client's signature of (config digest, survivors)."""
+
+    sender: int
+    signature: bytes
 
 
 @dataclass(eq=False)
 class UnmaskRequest(WireMessage):
-    """Stage 3, server -> client: which of the recipient's key-sharing neighbours survived
-    (sent a masked input) and which dropped, plus the total number of survivors."""
+    """Stage 4, server -> client: which of the recipient's partners survived (their masked
+    input is in the sum), dropped, or were excluded (complained about), and the total number
+    of survivors. With a PKI also the survivor list and the survivors' signatures of it
+    (``signers`` int64 (m,), ``signatures`` uint8 (m, 64))."""
 
     recipient: int
     survived: np.ndarray
     dropped: np.ndarray
+    excluded: np.ndarray
     num_survivors: int
+    survivors: np.ndarray
+    signers: np.ndarray
+    signatures: np.ndarray
 
 
 @dataclass(eq=False)
 class UnmaskResponse(WireMessage):
-    """Stage 3, client -> server: shares of ``b_v`` for surviving and of ``s_v`` for dropped
-    neighbours ``v``; ``*_owners`` int64 (m,), ``*_shares`` uint8 (m, 66)."""
+    """Stage 4, client -> server: shares of ``b_v`` for surviving and of ``s_v`` for dropped or
+    excluded partners ``v`` (``*_owners`` int64 (m,), ``*_shares`` uint8 (m, 66)), and for the
+    excluded also the pairwise mask seed itself (``x_seeds`` uint8 (m, 32), in ``s``-owner order)."""
 
     sender: int
     b_owners: np.ndarray
     b_shares: np.ndarray
     s_owners: np.ndarray
     s_shares: np.ndarray
+    x_owners: np.ndarray
+    x_seeds: np.ndarray
 
 
 @dataclass(eq=False)
@@ -449,7 +504,7 @@ class SecAggClientState(WireMessage):
         peers: int64 (m,) neighbours whose keys it received.
         peer_s_pks: uint8 (m, 32) their mask public keys.
         peer_aead_keys: uint8 (m, 32) the derived share-encryption keys with them.
-        partners: int64 (p,) neighbours that shared keys with it (stage 2 on).
+        partners: int64 (p,) neighbours it masked with: their share ciphertexts were valid (stage 2 on).
         has_inbox: bool scalar: whether ``inbox`` is still held (cleared after unmasking).
         inbox: uint8 (p, SHARE_CT_BYTES) the share ciphertexts it received, by partner.
     """
@@ -503,14 +558,35 @@ def _ids_array(ids: Iterable[int]) -> np.ndarray:
 
 
 class SecAggClient:
-    """One client of a SecAgg(+) round; holds only its own keys, seed and received shares."""
+    """One client of a SecAgg(+) round; holds only its own keys, seed and received shares.
 
-    def __init__(self, client_id: int, config: SecAggConfig) -> None:
+    With ``identity`` and ``directory`` (a PKI) it runs the malicious-server variant of Bonawitz
+    et al.: it signs its round keys, verifies its neighbours' signatures, and before revealing
+    any share it signs the survivor list and checks at least ``t`` survivors signed the same one.
+    """
+
+    def __init__(
+        self,
+        client_id: int,
+        config: SecAggConfig,
+        identity: IdentityKey | None = None,
+        directory: IdentityDirectory | None = None,
+    ) -> None:
         """Join the round announced in ``config`` as ``client_id``."""
         if client_id not in config.client_ids:
             raise ValueError(f"client {client_id} is not selected for this round")
+        if (identity is None) != (directory is None):
+            raise ValueError("a signing identity and the directory go together")
+        if directory is not None:
+            strangers = [c for c in config.client_ids if c not in directory]
+            if strangers:
+                raise SecAggAbort(
+                    f"client {client_id}: the round names clients {strangers[:5]} that are not in the identity "
+                    "directory: refusing (a server inventing clients)"
+                )
         self.client_id = client_id
         self.config = config
+        self._identity, self._directory = identity, directory
         self._neighbours = frozenset(config.graph[client_id])
         self._stage = 0
         self._c_sk = X25519PrivateKey.generate()
@@ -521,6 +597,11 @@ class SecAggClient:
         self._aead: dict[int, ChaCha20Poly1305] = {}
         self._inbox: dict[int, bytes] = {}
         self._partners: tuple[int, ...] = ()
+
+    @property
+    def signed(self) -> bool:
+        """Whether this client runs the malicious-server variant (signatures, consistency check)."""
+        return self._directory is not None
 
     def export_state(self) -> SecAggClientState:
         """This client's secrets and progress, to keep on the client between stages.
@@ -547,10 +628,16 @@ class SecAggClient:
         )
 
     @classmethod
-    def restore(cls, config: SecAggConfig, state: SecAggClientState) -> SecAggClient:
+    def restore(
+        cls,
+        config: SecAggConfig,
+        state: SecAggClientState,
+        identity: IdentityKey | None = None,
+        directory: IdentityDirectory | None = None,
+    ) -> SecAggClient:
         """Rebuild the client that :meth:`export_state` saved, for the same round ``config``."""
-        client = cls(state.client_id, config)
-        if not 0 <= state.stage <= 4:
+        client = cls(state.client_id, config, identity, directory)
+        if not 0 <= state.stage <= 5:
             raise SecAggAbort(f"client {state.client_id}: saved stage {state.stage} is not a SecAgg stage")
         client._stage = int(state.stage)
         client._c_sk = X25519PrivateKey.from_private_bytes(state.c_sk)
@@ -593,16 +680,21 @@ class SecAggClient:
             )
 
     def advertise_keys(self) -> AdvertiseKeys:
-        """Stage 0: publish the share-encryption and mask public keys."""
+        """Stage 0: publish the share-encryption and mask public keys (signed with a PKI)."""
         self._enter(0, "advertise_keys")
-        return AdvertiseKeys(
-            self.client_id,
-            self._c_sk.public_key().public_bytes_raw(),
-            self._s_sk.public_key().public_bytes_raw(),
-        )
+        c_pk = self._c_sk.public_key().public_bytes_raw()
+        s_pk = self._s_sk.public_key().public_bytes_raw()
+        signature = b""
+        if self._identity is not None:
+            signature = self._identity.sign(keys_payload(self.config, self.client_id, c_pk, s_pk))
+        return AdvertiseKeys(self.client_id, c_pk, s_pk, signature)
 
     def share_keys(self, msg: KeysBroadcast) -> ShareKeys:
-        """Stage 1: Shamir-share ``b_u`` and ``s_u`` among neighbours, encrypted per recipient."""
+        """Stage 1: Shamir-share ``b_u`` and ``s_u`` among neighbours, encrypted per recipient.
+
+        With a PKI every neighbour's keys must carry that neighbour's signature for this round:
+        keys the server swapped or invented abort the round for this client.
+        """
         self._enter(1, "share_keys")
         self._check_recipient(msg.recipient)
         ids = _id_list(msg.ids, "key broadcast")
@@ -610,6 +702,15 @@ class SecAggClient:
         s_pks = _byte_rows(msg.s_pks, len(ids), KEY_BYTES, "s keys")
         if not set(ids) <= self._neighbours:
             raise SecAggAbort(f"client {self.client_id}: key broadcast lists non-neighbours")
+        if self._directory is not None:
+            sigs = _byte_rows(msg.signatures, len(ids), SIGNATURE_BYTES, "key signatures")
+            for v, c_pk, s_pk, sig in zip(ids, c_pks, s_pks, sigs, strict=True):
+                payload = keys_payload(self.config, v, c_pk.tobytes(), s_pk.tobytes())
+                if not self._directory.verify(v, payload, sig.tobytes()):
+                    raise SecAggAbort(
+                        f"client {self.client_id}: the keys relayed for client {v} do not carry its signature: "
+                        "the server altered or invented them; refusing to share"
+                    )
         self._need(len(ids), "advertised keys")
         own = [self._c_sk.public_key().public_bytes_raw(), self._s_sk.public_key().public_bytes_raw()]
         keys = own + [r.tobytes() for r in c_pks] + [r.tobytes() for r in s_pks]
@@ -642,6 +743,9 @@ class SecAggClient:
     ) -> MaskedInput:
         """Stage 2: quantize ``vector`` (see :func:`encode_input`) and add all masks mod 2^b.
 
+        Every received share ciphertext is opened first: a neighbour whose ciphertext fails
+        authentication or holds no valid shares is left out of the masks and reported in
+        ``rejected`` (the server excludes it from the round), instead of aborting the round later.
         ``noise`` (int64, at most as long as the vector) is added, in quantization levels, to the
         first coordinates after quantization and before masking (distributed discrete DP noise);
         it wraps modulo ``2^b`` like every ring element.
@@ -655,31 +759,74 @@ class SecAggClient:
         cts = _byte_rows(msg.ciphertexts, len(senders), SHARE_CT_BYTES, "share ciphertexts")
         if not set(senders) <= set(self._s_pks):
             raise SecAggAbort(f"client {self.client_id}: shares from clients without keys")
-        self._need(len(senders), "shared keys")
-        self._inbox = {v: row.tobytes() for v, row in zip(senders, cts, strict=True)}
-        self._partners = tuple(sorted(senders))
+        inbox = {v: row.tobytes() for v, row in zip(senders, cts, strict=True)}
+        rejected = [v for v in senders if not self._valid_shares(v, inbox[v])]
+        self._partners = tuple(sorted(v for v in senders if v not in rejected))
+        self._need(len(self._partners), "sent valid shares")
+        self._inbox = {v: inbox[v] for v in self._partners}
         bits = self.config.ring_bits
         y += prg_ring(self._b_seed, y.shape[0], bits)
         for v in self._partners:
-            shared = _exchange(self._s_sk, self._s_pks[v], f"client {v}")
-            mask = prg_ring(_kdf(shared, self.config.round_seed, _MASK_INFO), y.shape[0], bits)
+            mask = prg_ring(self._pair_seed(v), y.shape[0], bits)
             if self.client_id < v:
                 y += mask
             else:
                 y -= mask
-        return MaskedInput(self.client_id, reduce_ring(y, bits))
+        return MaskedInput(self.client_id, reduce_ring(y, bits), np.array(sorted(rejected), dtype=np.int64))
+
+    def _pair_seed(self, v: int) -> bytes:
+        """The pairwise mask seed ``s_uv`` with neighbour ``v``."""
+        shared = _exchange(self._s_sk, self._s_pks[v], f"client {v}")
+        return _kdf(shared, self.config.round_seed, _MASK_INFO)
+
+    def _valid_shares(self, v: int, ct: bytes) -> bool:
+        """Whether ``v``'s ciphertext opens to two well-formed shares."""
+        try:
+            plain = self._aead[v].decrypt(ct[:NONCE_BYTES], ct[NONCE_BYTES:], _aad(self.config.round_seed, v,
+                                                                                   self.client_id))
+            Share.from_y_bytes(self.client_id + 1, plain[:SHARE_BYTES])
+            Share.from_y_bytes(self.client_id + 1, plain[SHARE_BYTES:])
+        except (InvalidTag, ShamirError, ValueError):
+            return False
+        return True
+
+    def sign_survivors(self, msg: ConsistencyRequest) -> ConsistencySignature:
+        """Stage 3 (with a PKI): sign the survivor list, after checking it is plausible."""
+        self._enter(3, "sign_survivors")
+        self._check_recipient(msg.recipient)
+        if self._identity is None:
+            raise SecAggAbort(f"client {self.client_id}: no identity to sign the survivors with")
+        survivors = _id_list(msg.survivors, "survivor list")
+        self._check_survivors(survivors)
+        return ConsistencySignature(self.client_id, self._identity.sign(survivors_payload(self.config, survivors)))
+
+    def _check_survivors(self, survivors: list[int]) -> None:
+        need = max(self.config.threshold, self.config.min_survivors)
+        if self.client_id not in survivors or not set(survivors) <= set(self.config.client_ids):
+            raise SecAggAbort(f"client {self.client_id}: the survivor list is not one of this round's")
+        if len(survivors) < need or survivors != sorted(survivors):
+            raise SecAggAbort(f"client {self.client_id}: {len(survivors)} survivors listed, at least {need} needed")
 
     def unmask(self, msg: UnmaskRequest) -> UnmaskResponse:
-        """Stage 3: check the server's survivor/dropout lists, then reveal the matching shares."""
-        self._enter(3, "unmask")
+        """Stage 4: check the server's survivor/dropout lists, then reveal the matching shares.
+
+        With a PKI, at least ``t`` survivors must have signed this same survivor list (so every
+        honest client answers the same view), and the lists must follow from it. Then: shares of
+        ``b_v`` for surviving partners, of ``s_v`` for the others, and for excluded partners also
+        the pairwise seed; never a ``b`` share and ``s`` information for one client.
+        """
+        self._enter(4 if self.signed else 3, "unmask")
+        self._stage = 5
         self._check_recipient(msg.recipient)
         survived = set(_id_list(msg.survived, "survivor list"))
         dropped = set(_id_list(msg.dropped, "dropout list"))
-        if survived & dropped:
+        excluded = set(_id_list(msg.excluded, "exclusion list"))
+        if survived & (dropped | excluded) or dropped & excluded:
             raise SecAggAbort(
-                f"client {self.client_id}: server lists {sorted(survived & dropped)} as both survived and dropped"
+                f"client {self.client_id}: server lists {sorted(survived & (dropped | excluded))} as both survived "
+                "and dropped"
             )
-        if survived | dropped != set(self._partners):
+        if survived | dropped | excluded != set(self._partners):
             raise SecAggAbort(
                 f"client {self.client_id}: survivor/dropout lists do not match the "
                 f"{len(self._partners)} neighbours that shared keys with it"
@@ -689,9 +836,14 @@ class SecAggClient:
                 f"client {self.client_id}: {msg.num_survivors} survivors claimed, "
                 f"at least {self.config.min_survivors} needed"
             )
-        b_owners, s_owners = sorted(survived), sorted(dropped)
+        if self.signed:
+            self._check_signed_view(msg, survived)
+        b_owners, s_owners, x_owners = sorted(survived), sorted(dropped | excluded), sorted(excluded)
         b_rows = [self._open(v)[:SHARE_BYTES] for v in b_owners]
         s_rows = [self._open(v)[SHARE_BYTES:] for v in s_owners]
+        seeds = np.empty((len(x_owners), KEY_BYTES), dtype=np.uint8)
+        for i, v in enumerate(x_owners):
+            seeds[i] = np.frombuffer(self._pair_seed(v), dtype=np.uint8)
         self._inbox = {}
         return UnmaskResponse(
             self.client_id,
@@ -699,7 +851,27 @@ class SecAggClient:
             _rows(b_rows),
             np.array(s_owners, dtype=np.int64),
             _rows(s_rows),
+            np.array(x_owners, dtype=np.int64),
+            seeds,
         )
+
+    def _check_signed_view(self, msg: UnmaskRequest, survived: set[int]) -> None:
+        """At least t distinct survivors signed this survivor list, and the partner lists follow from it."""
+        assert self._directory is not None
+        survivors = _id_list(msg.survivors, "signed survivor list")
+        self._check_survivors(survivors)
+        if survived != set(self._partners) & set(survivors) or msg.num_survivors != len(survivors):
+            raise SecAggAbort(f"client {self.client_id}: the unmasking request contradicts the signed survivor list")
+        signers = _id_list(msg.signers, "signers")
+        sigs = _byte_rows(msg.signatures, len(signers), SIGNATURE_BYTES, "consistency signatures")
+        payload = survivors_payload(self.config, survivors)
+        valid = {v for v, sig in zip(signers, sigs, strict=True)
+                 if v in survivors and self._directory.verify(v, payload, sig.tobytes())}
+        if len(valid) < self.config.threshold or len(valid) != len(signers):
+            raise SecAggAbort(
+                f"client {self.client_id}: {len(valid)} of {len(signers)} survivors' signatures of the survivor list "
+                f"verify, {self.config.threshold} needed and every one must: inconsistent views, refusing to unmask"
+            )
 
     def _open(self, v: int) -> bytes:
         """Decrypt the share pair that neighbour ``v`` encrypted for this client."""
@@ -726,20 +898,42 @@ def _rows(rows: list[bytes]) -> np.ndarray:
 
 
 class SecAggServer:
-    """The aggregator: routes messages, sums masked inputs, removes masks, dequantizes."""
+    """The aggregator: routes messages, sums masked inputs, removes masks, dequantizes.
 
-    def __init__(self, config: SecAggConfig) -> None:
-        """Serve the round described by ``config``."""
+    A client whose message is malformed, whose key signature does not verify (with a PKI), or
+    whom a neighbour's complaint excludes is left out of the round (as a dropout, listed in
+    :attr:`refused`); only too few clients left, or a secret with too few shares, aborts it.
+    """
+
+    def __init__(self, config: SecAggConfig, directory: IdentityDirectory | None = None) -> None:
+        """Serve the round described by ``config`` (``directory``: verify signatures, run the consistency check)."""
         self.config = config
+        self.directory = directory
         self._graph = config.graph
         self._stage = 0
         self._c_pks: dict[int, bytes] = {}
         self._s_pks: dict[int, bytes] = {}
+        self._key_sigs: dict[int, bytes] = {}
         self._sent_to: dict[int, list[int]] = {}
         self._partners: dict[int, tuple[int, ...]] = {}
+        self._pending: dict[int, np.ndarray] = {}
+        self._rejected: dict[int, set[int]] = {}
+        self._excluded: set[int] = set()
         self._u3: set[int] = set()
+        self._signatures: dict[int, bytes] = {}
         self._requests: dict[int, UnmaskRequest] = {}
         self._sum = np.zeros(config.ring_length, dtype=ring_dtype(config.ring_bits))
+        #: clients left out of the round by the server's checks, with the reason
+        self.refused: dict[int, str] = {}
+
+    @property
+    def signed(self) -> bool:
+        return self.directory is not None
+
+    @property
+    def excluded(self) -> frozenset[int]:
+        """Clients excluded after their neighbours' complaints about their shares."""
+        return frozenset(self._excluded)
 
     def setup_message(self) -> SecAggConfig:
         """The round announcement every selected client needs (public)."""
@@ -758,25 +952,40 @@ class SecAggServer:
                 f"at least {self.config.min_survivors} needed"
             )
 
+    def _refuse(self, client: int, reason: str) -> None:
+        self.refused.setdefault(client, reason)
+
     def receive_keys(self, msgs: Iterable[AdvertiseKeys]) -> dict[int, KeysBroadcast]:
-        """Stage 0: collect public keys; send each client its live neighbours' keys."""
+        """Stage 0: collect public keys (signed, with a PKI); send each client its live neighbours' keys."""
         self._enter(0, "receive_keys")
         for m in msgs:
             if m.sender not in self._graph or m.sender in self._c_pks:
-                raise SecAggAbort(f"server: unexpected or repeated keys from {m.sender}")
-            if len(m.c_pk) != KEY_BYTES or len(m.s_pk) != KEY_BYTES:
-                raise SecAggAbort(f"server: malformed public keys from {m.sender}")
-            self._c_pks[m.sender], self._s_pks[m.sender] = m.c_pk, m.s_pk
+                self._refuse(m.sender, "unexpected or repeated keys")
+            elif len(m.c_pk) != KEY_BYTES or len(m.s_pk) != KEY_BYTES:
+                self._refuse(m.sender, "malformed public keys")
+            elif self.directory is not None and not self.directory.verify(
+                m.sender, keys_payload(self.config, m.sender, m.c_pk, m.s_pk), m.signature
+            ):
+                self._refuse(m.sender, "its key signature does not verify against the identity directory")
+            else:
+                self._c_pks[m.sender], self._s_pks[m.sender] = m.c_pk, m.s_pk
+                self._key_sigs[m.sender] = m.signature
         self._enough(len(self._c_pks), "advertised keys")
+        width = SIGNATURE_BYTES if self.signed else 0
         out = {}
         for u in self._c_pks:
             nbrs = [v for v in self._graph[u] if v in self._c_pks]
             self._sent_to[u] = nbrs
+            sigs = np.zeros((len(nbrs), width), dtype=np.uint8)
+            for i, v in enumerate(nbrs):
+                if width:
+                    sigs[i] = np.frombuffer(self._key_sigs[v], dtype=np.uint8)
             out[u] = KeysBroadcast(
                 u,
                 np.array(nbrs, dtype=np.int64),
                 _key_rows(self._c_pks, nbrs),
                 _key_rows(self._s_pks, nbrs),
+                sigs,
             )
         return out
 
@@ -785,12 +994,16 @@ class SecAggServer:
         self._enter(1, "receive_shares")
         got: dict[int, ShareKeys] = {}
         for m in msgs:
-            if m.sender not in self._sent_to or m.sender in got:
-                raise SecAggAbort(f"server: unexpected or repeated shares from {m.sender}")
-            recipients = _id_list(m.recipients, f"shares of {m.sender}")
-            if sorted(recipients) != sorted(self._sent_to[m.sender]):
-                raise SecAggAbort(f"server: client {m.sender} did not share with its neighbours")
-            _byte_rows(m.ciphertexts, len(recipients), SHARE_CT_BYTES, f"shares of {m.sender}")
+            try:
+                if m.sender not in self._sent_to or m.sender in got:
+                    raise SecAggAbort("unexpected or repeated shares")
+                recipients = _id_list(m.recipients, f"shares of {m.sender}")
+                if sorted(recipients) != sorted(self._sent_to[m.sender]):
+                    raise SecAggAbort("did not share with its neighbours")
+                _byte_rows(m.ciphertexts, len(recipients), SHARE_CT_BYTES, f"shares of {m.sender}")
+            except SecAggAbort as exc:
+                self._refuse(m.sender, f"shares: {exc}")
+                continue
             got[m.sender] = m
         self._enough(len(got), "shared keys")
         inbox: dict[int, list[tuple[int, np.ndarray]]] = {v: [] for v in got}
@@ -807,10 +1020,10 @@ class SecAggServer:
         return out
 
     def add_masked_input(self, msg: MaskedInput) -> None:
-        """Stage 2: add one masked vector into the running sum (individual vectors are not kept)."""
+        """Stage 2: keep one masked vector (masked: it reveals nothing) and its sender's complaints."""
         if self._stage != 2:
             raise SecAggAbort("server: masked input outside the masking stage")
-        if msg.sender not in self._partners or msg.sender in self._u3:
+        if msg.sender not in self._partners or msg.sender in self._pending:
             raise SecAggAbort(f"server: unexpected or repeated masked input from {msg.sender}")
         y = np.asarray(msg.masked)
         if y.dtype != self._sum.dtype or y.shape != self._sum.shape:
@@ -818,77 +1031,165 @@ class SecAggServer:
                 f"server: masked input of {msg.sender} is {y.dtype} {y.shape}, "
                 f"expected {self._sum.dtype} {self._sum.shape}"
             )
-        self._sum += y
-        self._u3.add(msg.sender)
+        rejected = set(_id_list(msg.rejected, f"complaints of {msg.sender}"))
+        if not rejected <= set(self._partners[msg.sender]):
+            raise SecAggAbort(f"server: client {msg.sender} complains about clients that sent it nothing")
+        self._pending[msg.sender] = y
+        self._rejected[msg.sender] = rejected
+
+    def close_masking(self) -> list[int]:
+        """Stage 2 -> 3: exclude the complained-about clients, sum the rest, check every needed
+        secret is recoverable; the survivors (whose masked inputs are in the sum)."""
+        self._enter(2, "close_masking")
+        self._excluded = exclusion_cover({u: r for u, r in self._rejected.items() if r})
+        for u in sorted(self._excluded):
+            self._refuse(u, "excluded: a neighbour could not open its shares (or it complained without cause)")
+        self._u3 = {u for u in self._pending if u not in self._excluded}
+        for u in sorted(self._u3):
+            self._sum += self._pending[u]
+        self._pending = {}
+        self._enough(len(self._u3), "sent masked inputs")
+        t = self.config.threshold
+        for u in sorted(self._u3):
+            holders = self.holders(u)
+            if len(holders) < t:
+                raise SecAggAbort(
+                    f"cannot rebuild the self-mask seed of client {u}: only {len(holders)} of its neighbours "
+                    f"sent masked inputs, {t} needed ({len(self._u3)} clients survived overall)"
+                )
+        for d in sorted(set(self._partners) - self._u3):
+            holders = self.holders(d)
+            if holders and len(holders) < t and d not in self._excluded:
+                raise SecAggAbort(
+                    f"cannot rebuild the mask key of client {d}: only {len(holders)} of its neighbours "
+                    f"sent masked inputs, {t} needed ({len(self._u3)} clients survived overall)"
+                )
+        return sorted(self._u3)
+
+    def holders(self, owner: int) -> list[int]:
+        """Survivors that accepted ``owner``'s shares (so masked with it and hold its valid shares)."""
+        return [w for w in sorted(self._u3) if owner in self._partners.get(w, ()) and owner not in self._rejected[w]]
+
+    def accepted(self, client: int) -> tuple[int, ...]:
+        return tuple(v for v in self._partners[client] if v not in self._rejected.get(client, set()))
+
+    def consistency_requests(self) -> dict[int, ConsistencyRequest]:
+        """Stage 3 (with a PKI): ask every survivor to sign the survivor list."""
+        if self._stage != 3 or not self.signed:
+            raise SecAggAbort("server: consistency check out of order or without a PKI")
+        survivors = _ids_array(self._u3)
+        return {u: ConsistencyRequest(u, survivors) for u in sorted(self._u3)}
+
+    def receive_signatures(self, msgs: Iterable[ConsistencySignature]) -> None:
+        """Stage 3: keep the survivors' valid signatures of the survivor list; at least t are needed."""
+        assert self.directory is not None
+        payload = survivors_payload(self.config, sorted(self._u3))
+        for m in msgs:
+            if m.sender in self._u3 and m.sender not in self._signatures and self.directory.verify(
+                m.sender, payload, m.signature
+            ):
+                self._signatures[m.sender] = m.signature
+            else:
+                self._refuse(m.sender, "its signature of the survivor list does not verify")
+        if len(self._signatures) < self.config.threshold:
+            raise SecAggAbort(
+                f"only {len(self._signatures)} survivors signed the survivor list, {self.config.threshold} needed"
+            )
+
+    def unmask_requests(self) -> dict[int, UnmaskRequest]:
+        """Stage 3 -> 4: ask each survivor (each signer, with a PKI) for the shares it may reveal."""
+        if self._stage == 2:
+            self.close_masking()
+        if self.signed and not self._signatures:
+            raise SecAggAbort("server: with a PKI the survivors sign the survivor list before unmasking")
+        self._enter(3, "unmask_requests")
+        survivors = _ids_array(self._u3)
+        signers = sorted(self._signatures)
+        sigs = np.zeros((len(signers), SIGNATURE_BYTES if self.signed else 0), dtype=np.uint8)
+        for i, v in enumerate(signers):
+            sigs[i] = np.frombuffer(self._signatures[v], dtype=np.uint8)
+        targets = signers if self.signed else sorted(self._u3)
+        for u in targets:
+            partners = self.accepted(u)
+            self._requests[u] = UnmaskRequest(
+                u,
+                _ids_array(v for v in partners if v in self._u3),
+                _ids_array(v for v in partners if v not in self._u3 and v not in self._excluded),
+                _ids_array(v for v in partners if v in self._excluded),
+                len(self._u3),
+                survivors if self.signed else np.zeros(0, np.int64),
+                np.array(signers, dtype=np.int64),
+                sigs,
+            )
+        return dict(self._requests)
 
     def receive_masked_inputs(self, msgs: Iterable[MaskedInput]) -> dict[int, UnmaskRequest]:
-        """Stage 2: add all masked inputs, then build the unmasking requests."""
+        """Stage 2 without a PKI: add all masked inputs, then build the unmasking requests."""
         for m in msgs:
             self.add_masked_input(m)
         return self.unmask_requests()
 
-    def unmask_requests(self) -> dict[int, UnmaskRequest]:
-        """Stage 2 -> 3: check every needed secret is recoverable; ask survivors for shares."""
-        self._enter(2, "unmask_requests")
-        u3, t = self._u3, self.config.threshold
-        self._enough(len(u3), "sent masked inputs")
-        for u, partners in self._partners.items():
-            live = sum(v in u3 for v in partners)
-            needed = u in u3 or live > 0
-            if needed and live < t:
-                secret = "self-mask seed" if u in u3 else "mask key"
-                raise SecAggAbort(
-                    f"cannot rebuild the {secret} of client {u}: only {live} of its neighbours "
-                    f"sent masked inputs, {t} needed ({len(u3)} clients survived overall)"
-                )
-        for u in sorted(u3):
-            partners = self._partners[u]
-            self._requests[u] = UnmaskRequest(
-                u,
-                _ids_array(v for v in partners if v in u3),
-                _ids_array(v for v in partners if v not in u3),
-                len(u3),
-            )
-        return dict(self._requests)
-
     def finish(self, msgs: Iterable[UnmaskResponse]) -> AggregateResult:
-        """Stage 3: rebuild secrets from the shares, remove the masks, dequantize."""
-        self._enter(3, "finish")
-        b_shares, s_shares = self._collect_shares(msgs)
+        """Stage 4: rebuild secrets from the shares, remove the masks, dequantize.
+
+        A malformed response is ignored (its sender counts as not having answered).
+        """
+        self._enter(4, "finish")
+        b_shares, s_shares, seeds = self._collect_shares(msgs)
         bits, n_len = self.config.ring_bits, self.config.ring_length
         total = self._sum
         for u in sorted(self._u3):
             total -= prg_ring(self._rebuild(b_shares, u, "self-mask seed"), n_len, bits)
         dropped = sorted(set(self._partners) - self._u3)
         for v in dropped:
-            live = [u for u in self._partners[v] if u in self._u3]
+            live = self.holders(v)
             if live:
-                self._remove_pairwise(total, v, live, self._rebuild(s_shares, v, "mask key"))
+                self._remove_pairwise(total, v, live, s_shares, seeds.get(v, {}))
         ring_sum = reduce_ring(total, bits)
         return self._result(ring_sum, tuple(sorted(self._u3)), tuple(dropped))
 
-    def _collect_shares(self, msgs: Iterable[UnmaskResponse]) -> tuple[dict[int, list[Share]], dict[int, list[Share]]]:
+    def _collect_shares(
+        self, msgs: Iterable[UnmaskResponse]
+    ) -> tuple[dict[int, list[Share]], dict[int, list[Share]], dict[int, dict[int, bytes]]]:
         """Validate responses against the requests and group the shares by owner."""
         b_shares: dict[int, list[Share]] = {}
         s_shares: dict[int, list[Share]] = {}
+        seeds: dict[int, dict[int, bytes]] = {}
         seen: set[int] = set()
         for m in msgs:
-            req = self._requests.get(m.sender)
-            if req is None or m.sender in seen:
-                raise SecAggAbort(f"server: unexpected or repeated unmasking from {m.sender}")
-            seen.add(m.sender)
-            for owners, rows, asked, sink in (
-                (m.b_owners, m.b_shares, req.survived, b_shares),
-                (m.s_owners, m.s_shares, req.dropped, s_shares),
-            ):
-                ids = _id_list(owners, f"unmasking of {m.sender}")
-                if ids != asked.tolist():
-                    raise SecAggAbort(f"server: client {m.sender} answered a different request")
-                rows = _byte_rows(rows, len(ids), SHARE_BYTES, f"shares of {m.sender}")
-                for owner, row in zip(ids, rows, strict=True):
-                    share = _share(m.sender + 1, row.tobytes(), m.sender)
-                    sink.setdefault(owner, []).append(share)
-        return b_shares, s_shares
+            try:
+                req = self._requests.get(m.sender)
+                if req is None or m.sender in seen:
+                    raise SecAggAbort("unexpected or repeated unmasking")
+                seen.add(m.sender)
+                got = self._parse_response(m, req)
+            except SecAggAbort as exc:
+                self._refuse(m.sender, f"unmasking response ignored: {exc}")
+                continue
+            for owner, share in got[0]:
+                b_shares.setdefault(owner, []).append(share)
+            for owner, share in got[1]:
+                s_shares.setdefault(owner, []).append(share)
+            for owner, seed in got[2]:
+                seeds.setdefault(owner, {})[m.sender] = seed
+        return b_shares, s_shares, seeds
+
+    def _parse_response(self, m: UnmaskResponse, req: UnmaskRequest) -> tuple[list, list, list]:
+        out: list[list] = [[], [], []]
+        asked = (req.survived.tolist(), sorted([*req.dropped.tolist(), *req.excluded.tolist()]))
+        for i, (owners, rows) in enumerate(((m.b_owners, m.b_shares), (m.s_owners, m.s_shares))):
+            ids = _id_list(owners, f"unmasking of {m.sender}")
+            if ids != asked[i]:
+                raise SecAggAbort(f"client {m.sender} answered a different request")
+            rows = _byte_rows(rows, len(ids), SHARE_BYTES, f"shares of {m.sender}")
+            out[i] = [(owner, _share(m.sender + 1, row.tobytes(), m.sender)) for owner, row in zip(ids, rows,
+                                                                                                    strict=True)]
+        x_ids = _id_list(m.x_owners, f"seeds of {m.sender}")
+        if x_ids != req.excluded.tolist():
+            raise SecAggAbort(f"client {m.sender} answered a different request")
+        x_rows = _byte_rows(m.x_seeds, len(x_ids), KEY_BYTES, f"seeds of {m.sender}")
+        out[2] = [(owner, row.tobytes()) for owner, row in zip(x_ids, x_rows, strict=True)]
+        return out[0], out[1], out[2]
 
     def _rebuild(self, shares: dict[int, list[Share]], owner: int, what: str) -> bytes:
         """Reconstruct one 32-byte secret, or abort with the share counts."""
@@ -904,15 +1205,30 @@ class SecAggServer:
         except ShamirError as exc:
             raise SecAggAbort(f"shares of the {what} of client {owner} are inconsistent") from exc
 
-    def _remove_pairwise(self, total: np.ndarray, v: int, live: list[int], s_raw: bytes) -> None:
-        """Cancel the masks that surviving neighbours ``live`` shared with dropped client ``v``."""
-        sk = X25519PrivateKey.from_private_bytes(s_raw)
-        if sk.public_key().public_bytes_raw() != self._s_pks[v]:
-            raise SecAggAbort(f"rebuilt mask key of client {v} does not match its public key")
-        seed, bits = self.config.round_seed, self.config.ring_bits
+    def _remove_pairwise(
+        self, total: np.ndarray, v: int, live: list[int], s_shares: dict[int, list[Share]], seeds: dict[int, bytes]
+    ) -> None:
+        """Cancel the masks that surviving neighbours ``live`` shared with dropped or excluded client ``v``:
+        from ``v``'s mask key rebuilt from shares (checked against its public key) or, for an excluded
+        client whose shares are too few, from the seeds the survivors revealed."""
+        bits = self.config.ring_bits
+        if len(s_shares.get(v, [])) >= self.config.threshold or v not in self._excluded:
+            s_raw = self._rebuild(s_shares, v, "mask key")
+            sk = X25519PrivateKey.from_private_bytes(s_raw)
+            if sk.public_key().public_bytes_raw() != self._s_pks[v]:
+                raise SecAggAbort(f"rebuilt mask key of client {v} does not match its public key")
+            pair = {u: _kdf(_exchange(sk, self._s_pks[u], f"client {u}"), self.config.round_seed, _MASK_INFO)
+                    for u in live}
+        else:
+            missing = [u for u in live if u not in seeds]
+            if missing:
+                raise SecAggAbort(
+                    f"cannot remove the masks of excluded client {v}: survivors {missing[:5]} did not reveal "
+                    f"their seeds and only {len(s_shares.get(v, []))} shares of its key arrived"
+                )
+            pair = {u: seeds[u] for u in live}
         for u in live:
-            shared = _exchange(sk, self._s_pks[u], f"client {u}")
-            mask = prg_ring(_kdf(shared, seed, _MASK_INFO), total.shape[0], bits)
+            mask = prg_ring(pair[u], total.shape[0], bits)
             if u < v:
                 total -= mask
             else:
@@ -925,6 +1241,30 @@ class SecAggServer:
             total = q.dequantize_sum(ring_sum[:-1], n)
             return AggregateResult(total, ring_sum, survivors, dropped, int(ring_sum[-1]))
         return AggregateResult(q.dequantize_sum(ring_sum, n), ring_sum, survivors, dropped)
+
+
+def exclusion_cover(complaints: Mapping[int, Iterable[int]]) -> set[int]:
+    """Clients to exclude so that no complaint (``v`` could not open ``u``'s shares) is left.
+
+    The server cannot tell which of the two lies, so it removes the client involved in the most
+    complaints first (a client whose shares several neighbours reject, or one that complains about
+    several); an isolated complaint removes both. One hostile client thus costs the round itself
+    and at most one honest client, never an abort by itself.
+    """
+    edges = {frozenset((v, u)) for v, us in complaints.items() for u in us if u != v}
+    excluded: set[int] = set()
+    while edges:
+        degree: dict[int, int] = {}
+        for edge in edges:
+            for x in edge:
+                degree[x] = degree.get(x, 0) + 1
+        top = max(degree.values())
+        if top >= 2:
+            excluded.add(min(x for x, d in degree.items() if d == top))
+        else:
+            excluded.update(x for edge in edges for x in edge)
+        edges = {e for e in edges if not e & excluded}
+    return excluded
 
 
 def _key_rows(keys: Mapping[int, bytes], ids: Sequence[int]) -> np.ndarray:
@@ -967,9 +1307,17 @@ class RoundTrace:
     aborted: dict[int, str] = field(default_factory=dict)
 
 
-def make_parties(config: SecAggConfig) -> tuple[dict[int, SecAggClient], SecAggServer]:
-    """One :class:`SecAggClient` per selected id, and the server, for ``config``."""
-    return {u: SecAggClient(u, config) for u in config.client_ids}, SecAggServer(config)
+def make_parties(config: SecAggConfig, signed: bool = True) -> tuple[dict[int, SecAggClient], SecAggServer]:
+    """One :class:`SecAggClient` per selected id, and the server, for ``config``.
+
+    ``signed``: enrol every client with a fresh Ed25519 identity and give the server and the
+    clients the directory (the malicious-server variant); otherwise the semi-honest protocol.
+    """
+    if not signed:
+        return {u: SecAggClient(u, config) for u in config.client_ids}, SecAggServer(config)
+    enrolment = enrol(config.client_ids)
+    clients = {u: SecAggClient(u, config, enrolment.key(u), enrolment.directory) for u in config.client_ids}
+    return clients, SecAggServer(config, enrolment.directory)
 
 
 class _Transport:
@@ -1064,7 +1412,17 @@ def simulate_round(
         drop_before_masking,
         lambda c, m: c.mask_input(m, inputs[c.client_id], w.get(c.client_id), rng),
     )
-    requests = net.serve(server.receive_masked_inputs, masked)
+    for m in masked:
+        try:
+            net.serve(lambda msgs, m=m: server.add_masked_input(m), [])
+        except SecAggAbort as exc:  # a malformed masked input leaves that client out
+            server.refused.setdefault(m.sender, str(exc))
+    net.serve(lambda _msgs: server.close_masking(), [])
+    if server.signed:
+        asks = net.serve(lambda _msgs: server.consistency_requests(), [])
+        signatures = net.clients("consistency", asks, drop_after_masking, lambda c, m: c.sign_survivors(m))
+        net.serve(server.receive_signatures, signatures)
+    requests = net.serve(lambda _msgs: server.unmask_requests(), [])
     answers = net.clients("unmask", requests, drop_after_masking, lambda c, m: c.unmask(m))
     result = net.serve(server.finish, answers)
     return RoundTrace(

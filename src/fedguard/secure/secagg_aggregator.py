@@ -43,7 +43,7 @@ choose ``ring_bits`` and ``headroom_bits`` so that this is negligible, as Kairou
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -56,6 +56,7 @@ from fedguard.pipeline.base import AggregateResult, Aggregator, ClientContext, S
 from fedguard.runtime.base import Communicator
 from fedguard.types import Params, num_params
 
+from .identity import Enrolment, IdentityError
 from .protocol import (
     clear_state,
     client_weight,
@@ -70,6 +71,8 @@ from .protocol import (
 )
 from .secagg import (
     AdvertiseKeys,
+    ConsistencyRequest,
+    ConsistencySignature,
     EncryptedShares,
     KeysBroadcast,
     MaskedInput,
@@ -89,6 +92,7 @@ if TYPE_CHECKING:
 
 SETUP, KEYS = "secagg/setup", "secagg/keys"
 SHARE, SHARES = "secagg/share_keys", "secagg/shares"
+CONSISTENCY, SIGNATURE = "secagg/consistency", "secagg/signature"
 UNMASK, UNMASKED = "secagg/unmask", "secagg/unmask_result"
 FIT_RESULT = "fit_result"
 #: prefix of the protocol tensors in engine messages, and of the client's saved state
@@ -161,6 +165,9 @@ class SecAggSettings:
 
     ``neighbours``/``threshold``/``min_survivors`` of ``None`` take the SecAgg+ defaults.
     ``ring_noise`` adds integer noise after quantization and before masking (see the module doc).
+    ``registered`` are the clients' registered dataset sizes by id (what the server knows: the
+    weights it divides by); ``enrolment`` the clients' long-term identities (the PKI): with it,
+    keys are signed and the consistency check runs (the malicious-server variant).
     """
 
     clip: float = 1.0
@@ -171,12 +178,27 @@ class SecAggSettings:
     threshold: int | None = None
     min_survivors: int | None = None
     min_clients: int = 1
-    seed: int = 0
     ring_noise: RingNoise | None = None
+    registered: tuple[int, ...] = dataclasses.field(default=(), repr=False)
+    enrolment: Enrolment | None = dataclasses.field(default=None, repr=False)
 
-    def round_config(self, round: int, client_ids: list[int], vector_length: int) -> SecAggConfig:
-        """The public SecAggConfig of one round (update + saturation slot, weighted)."""
-        seed = hashlib.sha256(f"fedguard/secagg/{self.seed}/{round}".encode()).digest()
+    def weight(self, client: int) -> int:
+        """The FedAvg weight the server allows ``client``: its registered size (1 for uniform)."""
+        if self.weighting == "uniform":
+            return 1
+        if not 0 <= client < len(self.registered):
+            raise SecAggAbort(f"client {client} has no registered dataset size")
+        return int(self.registered[client])
+
+    def round_config(
+        self, round: int, client_ids: list[int], vector_length: int, seed: bytes | None = None
+    ) -> SecAggConfig:
+        """The public SecAggConfig of one round (update + saturation slot, weighted).
+
+        The round seed (which orders the neighbour graph) is fresh from the OS CSPRNG unless given:
+        nobody can predict the graph before the round, and ``run.seed`` plays no part in it.
+        """
+        seed = secrets.token_bytes(32) if seed is None else seed
         config = SecAggConfig.create(
             client_ids,
             vector_length + 1,
@@ -214,9 +236,12 @@ class SecAggSettings:
 class _Round:
     """The server side of one SecAgg+ round: the exchanges and what has failed so far."""
 
-    def __init__(self, comm: Communicator, round: int, config: SecAggConfig, ctx: ServerContext) -> None:
+    def __init__(
+        self, comm: Communicator, round: int, config: SecAggConfig, ctx: ServerContext, settings: SecAggSettings
+    ) -> None:
         self.comm, self.round, self.config, self.ctx = comm, round, config, ctx
-        self.server = SecAggServer(config)
+        directory = settings.enrolment.directory if settings.enrolment is not None else None
+        self.server = SecAggServer(config, directory)
         self.failed: dict[int, str] = {}
         #: the accepted replies of the last exchange (the fit replies carry the client steps' metadata)
         self.last: dict[int, Message] = {}
@@ -242,8 +267,14 @@ class _Round:
             self.last[cid] = msg
         return parsed
 
-    def message(self, kind: str, cid: int, wire: Any) -> Message:
-        return to_message(kind, self.round, cid, wire, PREFIX)
+    def message(self, kind: str, cid: int, wire: Any, meta: dict[str, Any] | None = None) -> Message:
+        return to_message(kind, self.round, cid, wire, PREFIX, meta)
+
+    def left_out(self) -> None:
+        """Record the clients the protocol's checks left out of the round, with the reason."""
+        for cid, reason in self.server.refused.items():
+            self.failed.setdefault(cid, f"secagg: {reason}")
+            self.ctx.log(f"round {self.round}: secagg left client {cid} out: {reason}")
 
 
 class SecAggAggregator(Aggregator):
@@ -265,14 +296,17 @@ class SecAggAggregator(Aggregator):
             config = self.settings.round_config(round, ids, num_params(like))
         except ValueError as exc:
             return AggregateResult(None, [], {}, aborted=f"secure aggregation cannot start: {exc}")
-        state = _Round(comm, round, config, ctx)
+        state = _Round(comm, round, config, ctx, self.settings)
         try:
             return self._run(state, fit_messages, like)
         except SecAggAbort as exc:
             return AggregateResult(None, [], state.failed, aborted=f"secure aggregation aborted: {exc}")
 
     def _run(self, st: _Round, fit_messages: dict[int, Message], like: Params) -> AggregateResult:
-        adverts = st.exchange({c: st.message(SETUP, c, st.config) for c in fit_messages}, KEYS, AdvertiseKeys, "setup")
+        enrolment = self.settings.enrolment
+        meta = {"directory": enrolment.directory.fingerprint} if enrolment is not None else {}
+        adverts = st.exchange({c: st.message(SETUP, c, st.config, meta) for c in fit_messages}, KEYS, AdvertiseKeys,
+                              "setup")
         bcast = st.server.receive_keys(adverts.values())
         shares = st.exchange({c: st.message(SHARE, c, m) for c, m in bcast.items()}, SHARES, ShareKeys, "share")
         routed = st.server.receive_shares(shares.values())
@@ -283,6 +317,12 @@ class SecAggAggregator(Aggregator):
                 st.server.add_masked_input(m)
             except SecAggAbort as exc:
                 st.failed[cid] = f"fit: masked input rejected: {exc}"
+        st.server.close_masking()
+        if st.server.signed:
+            asks = st.server.consistency_requests()
+            signatures = st.exchange({c: st.message(CONSISTENCY, c, m) for c, m in asks.items()}, SIGNATURE,
+                                     ConsistencySignature, "consistency")
+            st.server.receive_signatures(signatures.values())
         requests = st.server.unmask_requests()
         answers = st.exchange({c: st.message(UNMASK, c, m) for c, m in requests.items()}, UNMASKED,
                               UnmaskResponse, "unmask")
@@ -292,6 +332,7 @@ class SecAggAggregator(Aggregator):
                 f"the masks cannot be removed with fewer than t={st.config.threshold}"
             )
         result = st.server.finish(answers.values())
+        st.left_out()
         return self._result(st, result, like, len(answers), [fit_replies[c] for c in result.survivors])
 
     def _fit_messages(self, fit_messages: dict[int, Message], routed: dict[int, EncryptedShares]) -> dict[int, Message]:
@@ -313,31 +354,48 @@ class SecAggAggregator(Aggregator):
         report, e.g. DP accounting) goes on to the client steps and the ledger.
         """
         n_params, n = num_params(like), len(result.survivors)
-        if not result.weight_sum:
-            raise SecAggAbort("the unmasked weight sum is zero")
-        mean = result.total[:n_params] * (self.settings.max_weight / result.weight_sum)
-        delta = unflatten_sorted(torch.from_numpy(mean), like)
         for cid in result.survivors:
             st.failed.pop(cid, None)  # in the sum: the round counts them, even if gone before unmasking
+        weight = float(sum(self.settings.weight(c) for c in result.survivors))
+        total, outside = self._range_checked(st.config, result.ring_sum[:n_params], n)
+        mean = total * (self.settings.max_weight / weight)
+        delta = unflatten_sorted(torch.from_numpy(mean), like)
+        saturated = st.config.quantizer.dequantize_sum(result.ring_sum[n_params : n_params + 1], n)[0]
         metrics = {
             "secagg_survivors": float(n),
             "secagg_unmask_answers": float(answered),
+            "secagg_excluded": float(len(st.server.excluded)),
+            # the masked weight slot against the registered weights the mean divides by
+            "secagg_weight_mismatch": float(int(result.ring_sum[-1]) != int(weight)),
+            "secagg_out_of_range": float(outside),
             # mean share of coordinates clipped; rounded: the slot carries quantization noise of ~1e-9
-            "secagg_saturated": round(max(0.0, float(result.total[n_params] / (n * st.config.clip))), 6),
+            "secagg_saturated": round(min(1.0, max(0.0, float(saturated / (n * st.config.clip)))), 6),
         }
-        return AggregateResult(delta, list(result.survivors), st.failed, float(result.weight_sum), metrics, replies)
+        return AggregateResult(delta, list(result.survivors), st.failed, weight, metrics, replies)
+
+    def _range_checked(self, config: SecAggConfig, ring_sum: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+        """The unmasked sum of ``w/M * update``, every coordinate clamped to what ``n`` honest
+        clients can produce (``[0, n*L]`` levels, widened by the ring noise's bound); and how many
+        coordinates were outside (a hostile client)."""
+        q = config.quantizer
+        levels = q.centred(ring_sum, n)
+        slack = self.settings.ring_noise.bound(n, q.levels) if self.settings.ring_noise is not None else 0
+        low, high = -slack, n * q.levels + slack
+        outside = int(np.count_nonzero((levels < low) | (levels > high)))
+        return np.clip(levels, low, high).astype(np.float64) * q.step - n * q.clip, outside
 
     # -- client ---------------------------------------------------------------------------
     def client_handlers(self) -> dict[str, Any]:
         """The SecAgg stages a client answers besides ``fit``."""
-        return {SETUP: _on_setup, SHARE: _on_share_keys, UNMASK: _on_unmask}
+        return {SETUP: self._on_setup, SHARE: self._on_share_keys, CONSISTENCY: self._on_consistency,
+                UNMASK: self._on_unmask}
 
     def client_finalize(self, update: Params, ctx: ClientContext) -> tuple[Params, dict[str, Any]]:
         """Mask ``[w/M * update, saturation, w]`` with the shares routed in the fit instruction."""
         spec = ctx.instructions.get("secagg")
         if not isinstance(spec, dict):
             raise SecAggAbort(f"client {ctx.client_id}: the fit instruction carries no secagg shares")
-        config, client = _restore(ctx, 2)
+        config, client = self._restore(ctx, 2)
         shares = from_json(EncryptedShares, spec["shares"])
         max_weight = int(spec["max_weight"])
         weight = client_weight(ctx, str(spec["weighting"]), max_weight)
@@ -371,6 +429,66 @@ class SecAggAggregator(Aggregator):
         return sample
 
 
+    def _identity(self, ctx: ClientContext) -> tuple[Any, Any]:
+        """This client's signing key and the directory (None, None without a PKI)."""
+        enrolment = self.settings.enrolment
+        if enrolment is None:
+            return None, None
+        try:
+            return enrolment.key(ctx.client_id), enrolment.directory
+        except IdentityError as exc:
+            raise SecAggAbort(str(exc)) from exc
+
+    def _restore(self, ctx: ClientContext, stage: int) -> tuple[SecAggConfig, SecAggClient]:
+        """This client's SecAgg config and client, as saved after the previous stage of this round."""
+        if ctx.state.get("secagg/round") != ctx.round:
+            raise SecAggAbort(f"client {ctx.client_id}: no SecAgg state for round {ctx.round} (missed the setup?)")
+        config = load_state(ctx.state, _STATE_CONFIG, SecAggConfig)
+        saved = load_state(ctx.state, _STATE_CLIENT, SecAggClientState)
+        if config is None or saved is None or saved.stage != stage:
+            raise SecAggAbort(f"client {ctx.client_id}: SecAgg state is not at stage {stage} of round {ctx.round}")
+        return config, SecAggClient.restore(config, saved, *self._identity(ctx))
+
+    def _on_setup(self, msg: Message, ctx: ClientContext) -> Message:
+        """Stage 0: join the announced round with fresh key pairs; reply with the (signed) public keys."""
+        config = from_message(SecAggConfig, msg, PREFIX, SETUP)
+        enrolment = self.settings.enrolment
+        if enrolment is not None and msg.meta.get("directory") != enrolment.directory.fingerprint:
+            raise SecAggAbort(
+                f"client {ctx.client_id}: the server's identity directory is not this client's "
+                f"({str(msg.meta.get('directory'))[:16]} vs {enrolment.directory.fingerprint[:16]}): over the network, "
+                "give every party the same secure.identities folder (python -m fedguard.secure.identity)"
+            )
+        client = SecAggClient(ctx.client_id, config, *self._identity(ctx))
+        advert = client.advertise_keys()
+        clear_state(ctx.state, PREFIX)
+        ctx.state["secagg/round"] = msg.round
+        save_state(ctx.state, _STATE_CONFIG, config)
+        save_state(ctx.state, _STATE_CLIENT, client.export_state())
+        return to_message(KEYS, msg.round, ctx.client_id, advert, PREFIX)
+
+    def _on_share_keys(self, msg: Message, ctx: ClientContext) -> Message:
+        """Stage 1: check the neighbours' key signatures; share the self-mask seed and mask key among them."""
+        _, client = self._restore(ctx, 1)
+        shares = client.share_keys(from_message(KeysBroadcast, msg, PREFIX, SHARE))
+        save_state(ctx.state, _STATE_CLIENT, client.export_state())
+        return to_message(SHARES, msg.round, ctx.client_id, shares, PREFIX)
+
+    def _on_consistency(self, msg: Message, ctx: ClientContext) -> Message:
+        """Stage 3: sign the survivor list (the consistency check of Bonawitz et al.)."""
+        _, client = self._restore(ctx, 3)
+        signature = client.sign_survivors(from_message(ConsistencyRequest, msg, PREFIX, CONSISTENCY))
+        save_state(ctx.state, _STATE_CLIENT, client.export_state())
+        return to_message(SIGNATURE, msg.round, ctx.client_id, signature, PREFIX)
+
+    def _on_unmask(self, msg: Message, ctx: ClientContext) -> Message:
+        """Stage 4: reveal the shares the server may have, then forget this round's secrets."""
+        _, client = self._restore(ctx, 4 if self.settings.enrolment is not None else 3)
+        response = client.unmask(from_message(UnmaskRequest, msg, PREFIX, UNMASK))
+        clear_state(ctx.state, PREFIX)
+        return to_message(UNMASKED, msg.round, ctx.client_id, response, PREFIX)
+
+
 def _encode(update: torch.Tensor, weight: int, max_weight: int, config: SecAggConfig) -> np.ndarray:
     """``[M/w * (w/M * u), saturation * clip / w]``: after the client's ``* w`` this is ``[w/M u, sat*clip]``.
 
@@ -380,42 +498,3 @@ def _encode(update: torch.Tensor, weight: int, max_weight: int, config: SecAggCo
     scaled = update.double().numpy() / max_weight
     saturated = float(np.mean(np.abs(scaled * weight) > config.clip)) if scaled.size else 0.0
     return np.append(scaled, saturated * config.clip / weight)
-
-
-def _restore(ctx: ClientContext, stage: int) -> tuple[SecAggConfig, SecAggClient]:
-    """This client's SecAgg config and client, as saved after the previous stage of this round."""
-    if ctx.state.get("secagg/round") != ctx.round:
-        raise SecAggAbort(f"client {ctx.client_id}: no SecAgg state for round {ctx.round} (missed the setup?)")
-    config = load_state(ctx.state, _STATE_CONFIG, SecAggConfig)
-    saved = load_state(ctx.state, _STATE_CLIENT, SecAggClientState)
-    if config is None or saved is None or saved.stage != stage:
-        raise SecAggAbort(f"client {ctx.client_id}: SecAgg state is not at stage {stage} of round {ctx.round}")
-    return config, SecAggClient.restore(config, saved)
-
-
-def _on_setup(msg: Message, ctx: ClientContext) -> Message:
-    """Stage 0: join the announced round with fresh key pairs; reply with the public keys."""
-    config = from_message(SecAggConfig, msg, PREFIX, SETUP)
-    client = SecAggClient(ctx.client_id, config)
-    advert = client.advertise_keys()
-    clear_state(ctx.state, PREFIX)
-    ctx.state["secagg/round"] = msg.round
-    save_state(ctx.state, _STATE_CONFIG, config)
-    save_state(ctx.state, _STATE_CLIENT, client.export_state())
-    return to_message(KEYS, msg.round, ctx.client_id, advert, PREFIX)
-
-
-def _on_share_keys(msg: Message, ctx: ClientContext) -> Message:
-    """Stage 1: share the self-mask seed and mask key among the neighbours."""
-    _, client = _restore(ctx, 1)
-    shares = client.share_keys(from_message(KeysBroadcast, msg, PREFIX, SHARE))
-    save_state(ctx.state, _STATE_CLIENT, client.export_state())
-    return to_message(SHARES, msg.round, ctx.client_id, shares, PREFIX)
-
-
-def _on_unmask(msg: Message, ctx: ClientContext) -> Message:
-    """Stage 3: reveal the shares the server may have, then forget this round's secrets."""
-    _, client = _restore(ctx, 3)
-    response = client.unmask(from_message(UnmaskRequest, msg, PREFIX, UNMASK))
-    clear_state(ctx.state, PREFIX)
-    return to_message(UNMASKED, msg.round, ctx.client_id, response, PREFIX)
