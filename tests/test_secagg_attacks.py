@@ -136,3 +136,11 @@ def test_robust_rules_check_the_registration_too() -> None:
 
     with pytest.raises(UpdateRejected, match="registered dataset size"):
         check_update(msg, server.params, 1, max_examples=server.pipeline.aggregator.registered_size(0))
+
+
+@pytest.mark.slow
+def test_every_attack_scenario_is_refused_or_contained() -> None:
+    """The scenario registry the attack harness runs: no attack succeeds."""
+    results = {name: attacks.run_scenario(name) for name in attacks.SCENARIOS}
+    assert {name: r.outcome for name, r in results.items() if r.outcome == "succeeded"} == {}
+    assert all(r.outcome in ("refused", "contained") for r in results.values())

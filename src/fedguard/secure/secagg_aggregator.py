@@ -1,31 +1,39 @@
 """SecAgg+ as an engine aggregator: the server learns the weighted sum of updates, nothing else.
 
-One round is four exchanges through the communicator (each message kind can fail on its own,
+One round is five exchanges through the communicator (each message kind can fail on its own,
 as with :class:`~fedguard.runtime.base.FaultModel`):
 
 ==========================  ==================================  ==================================
 server -> client            client does                         client -> server
 ==========================  ==================================  ==================================
-``secagg/setup``            builds its SecAgg client from the    ``secagg/keys`` (X25519 publics)
-(the round's SecAggConfig)  config it received; new key pairs
-``secagg/share_keys``       Shamir-shares its mask seed and      ``secagg/shares`` (encrypted
-(neighbours' public keys)   mask key among its neighbours        share pairs, one per neighbour)
-``fit`` (global model +     trains, runs the client steps        ``fit_result`` carrying only the
-its routed shares)          (clipping, DP noise), then masks     masked ring vector
-                            [w/M * update, saturation, w]
-``secagg/unmask``           checks the survivor lists, reveals   ``secagg/unmask_result``
-(survivors, dropped)        the matching shares
+``secagg/setup``            builds its SecAgg client from the    ``secagg/keys`` (X25519 publics,
+(the round's SecAggConfig,  config it received; new key pairs,   Ed25519-signed)
+directory fingerprint)      signed with its identity
+``secagg/share_keys``       verifies the neighbours' signatures; ``secagg/shares`` (encrypted
+(neighbours' public keys)   Shamir-shares its mask seed and      share pairs, one per neighbour)
+                            mask key among its neighbours
+``fit`` (global model +     opens its shares (rejects bad ones), ``fit_result`` carrying only the
+its routed shares)          trains, runs the client steps,       masked ring vector and rejections
+                            masks [w/M * update, saturation, w]
+``secagg/consistency``      signs the survivor list              ``secagg/signature``
+(survivor list)
+``secagg/unmask``           checks t signatures of one list and  ``secagg/unmask_result``
+(lists + signatures)        its own lists, reveals the shares
 ==========================  ==================================  ==================================
 
-The client's secrets (private keys, self-mask seed, received shares) live only in that client's
-own state (``ctx.state``), never in the server process or a shared object. The server keeps only
-the running sum of masked vectors; the unmasked result is the sum over the clients whose
-masked vectors arrived, even when some of them vanish before unmasking.
+The client's round secrets (private keys, self-mask seed, received shares) live only in that
+client's own state (``ctx.state``), never in the server process or a shared object; its long-term
+identity key comes from its own key file (``secure.identities``), or, in a simulation, from the
+experiment that enrolled every client. The server keeps the masked vectors until the masking
+stage closes, then only their sum; the unmasked result is the sum over the clients whose masked
+vectors arrived (less the excluded), even when some of them vanish before unmasking.
 
 Encoding: each client sends ``w/M * update`` (``w`` its number of examples, ``M`` =
 ``secure.max_weight``), clipped to ``+-clip`` and quantized into ``Z_{2^ring_bits}``, plus a
 saturation slot (the fraction of its coordinates that hit the clip) and its exact integer weight
-``w``. The server divides the unmasked sum by the weight sum: weighted FedAvg.
+``w``. The server divides the unmasked sum by the survivors' *registered* weights (the masked weight
+slot is only compared with them) after clamping every coordinate to what ``n`` honest clients can
+produce: weighted FedAvg that no client's weight claim can amplify.
 
 Ring-domain client steps (distributed discrete DP): a :class:`RingNoise` in the settings runs in
 :meth:`SecAggAggregator.client_finalize` after quantization and before masking, in this order::
