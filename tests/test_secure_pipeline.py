@@ -347,3 +347,19 @@ def test_too_small_clip_is_reported_as_saturation() -> None:
     server, _, _ = make_server("secure.mode=secagg", "secure.clip=1e-5")
     record = server.run_round(1, False)
     assert record.aborted is None and record.metrics["client_secagg_saturated"] > 0.5
+
+
+def test_secagg_identities_folder_and_its_errors(tmp_path) -> None:
+    """A deployment's PKI: a folder from write_identities is loaded; a missing client or a Ray run
+    without a shared folder is refused before training."""
+    from fedguard.secure.identity import write_identities
+
+    write_identities(tmp_path / "ids", range(6))
+    setup = Experiment(overrides=[*SMALL, "secure.mode=secagg", f"secure.identities={tmp_path / 'ids'}"]).assemble()
+    assert setup.pipeline.aggregator.settings.enrolment.folder == tmp_path / "ids"
+    write_identities(tmp_path / "few", range(4))
+    with pytest.raises(ConfigurationError, match=r"clients \[4, 5\] are not in"):
+        Experiment(overrides=[*SMALL, "secure.mode=secagg", f"secure.identities={tmp_path / 'few'}"]).assemble()
+    with pytest.raises(ConfigurationError, match="needs secure.identities"):
+        Experiment(overrides=[*SMALL, "secure.mode=secagg", "run.runtime=ray"]).assemble()
+    assert oct((tmp_path / "ids" / "client-0.ed25519").stat().st_mode & 0o777) == "0o600"

@@ -97,6 +97,12 @@ def _enrolment(ctx: BuildContext) -> Enrolment:
         if missing:
             raise ConfigurationError(f"secure.identities: clients {missing[:5]} are not in {folder}/directory.json")
         return enrolment
+    if getattr(ctx.config.run, "runtime", "simulation") == "ray":
+        raise ConfigurationError(
+            "secure.mode=secagg with run.runtime=ray needs secure.identities: every Ray worker builds its own "
+            "pipeline, so a fresh in-process enrolment would differ between them. Make a folder every node can "
+            "read with `python -m fedguard.secure.identity --out DIR --clients N` and set secure.identities=DIR"
+        )
     return enrol(range(ctx.sampler.population))
 
 

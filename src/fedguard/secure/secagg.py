@@ -1112,11 +1112,11 @@ class SecAggServer:
             raise SecAggAbort("server: with a PKI the survivors sign the survivor list before unmasking")
         self._enter(3, "unmask_requests")
         survivors = _ids_array(self._u3)
-        signers = sorted(self._signatures)
+        targets = sorted(self._signatures) if self.signed else sorted(self._u3)
+        signers = targets[: self.config.threshold] if self.signed else []  # t signatures are the evidence
         sigs = np.zeros((len(signers), SIGNATURE_BYTES if self.signed else 0), dtype=np.uint8)
         for i, v in enumerate(signers):
             sigs[i] = np.frombuffer(self._signatures[v], dtype=np.uint8)
-        targets = signers if self.signed else sorted(self._u3)
         for u in targets:
             partners = self.accepted(u)
             self._requests[u] = UnmaskRequest(
