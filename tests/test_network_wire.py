@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_every_dtype_and_shape_survives_the_wire_bit_for_bit() -> None:
 def test_large_tensor_is_chunked_and_upload_is_close_to_raw_size() -> None:
     t = torch.arange(300_000, dtype=torch.float32)
     frames = wire.encode(Message("fit_result", 1, 3, {}, {"w": t}), ROUTE, KEY, wire.TO_SERVER, 64 << 10)
-    assert len(frames) == 2 + -(-t.numel() * 4 // (64 << 10))
+    assert len(frames) == 3 + -(-t.numel() * 4 // (64 << 10))
     size = sum(len(f.SerializeToString()) for f in frames)
     assert t.numel() * 4 < size < t.numel() * 4 * 1.01
     assert torch.equal(_roundtrip(Message("x", 1, 3, {}, {"w": t}), 64 << 10).message.tensors["w"], t)
@@ -68,8 +69,9 @@ def _resigned(env: pb.Envelope, payload: bytes) -> list[bytes]:
 
     header = env.SerializeToString()
     mac = hmac.new(KEY, wire.TO_SERVER + b"\0" + len(header).to_bytes(8, "little") + header + payload, hashlib.sha256)
-    return [pb.Frame(header=header).SerializeToString(), pb.Frame(data=payload).SerializeToString(),
-            pb.Frame(mac=mac.digest()).SerializeToString()]
+    tag = wire.header_tag(KEY, wire.TO_SERVER, header)
+    return [pb.Frame(header=header).SerializeToString(), pb.Frame(mac=tag).SerializeToString(),
+            pb.Frame(data=payload).SerializeToString(), pb.Frame(mac=mac.digest()).SerializeToString()]
 
 
 @pytest.mark.parametrize(
@@ -99,20 +101,22 @@ def test_forged_altered_truncated_oversized_and_garbage_streams_are_refused() ->
     frames = _frames(msg)
     limits = wire.Limits()
     key = lambda env: KEY  # noqa: E731
-    altered = bytearray(pb.Frame.FromString(frames[1]).data)
+    altered = bytearray(pb.Frame.FromString(frames[2]).data)
     altered[0] ^= 1
     cases = {
-        "bad MAC": [frames[0], pb.Frame(data=bytes(altered)).SerializeToString(), frames[2]],
-        "MAC frame": frames[:2],
-        "first frame must be a header": frames[1:],
+        "bad MAC": [*frames[:2], pb.Frame(data=bytes(altered)).SerializeToString(), frames[3]],
+        "MAC frame": frames[:3],
+        "first frame must be a header": frames[2:],
         "garbage frame": [b"\xff\x00garbage"],
         "no header": [],
-        "more data": [frames[0], frames[1], frames[1], frames[2]],
+        "more data": [*frames[:3], frames[2], frames[3]],
+        "followed by its tag": [frames[0], frames[2], frames[3]],
+        "before the header's tag": frames[:1],
     }
     for reason, stream in cases.items():
         with pytest.raises(wire.WireError, match=reason):
             wire.receive(stream, limits, key, wire.TO_SERVER)
-    with pytest.raises(wire.WireError, match="bad MAC"):  # a server's message reflected back
+    with pytest.raises(wire.WireError, match="bad header tag"):  # a server's message reflected back
         wire.receive(frames, limits, key, wire.TO_CLIENT)
     with pytest.raises(wire.WireError, match="oversized"):
         wire.receive(frames, wire.Limits(max_payload_bytes=399), key, wire.TO_SERVER)
@@ -124,6 +128,34 @@ def test_key_callback_can_refuse_before_any_data_is_read() -> None:
 
     with pytest.raises(wire.WireError, match="unknown session for client 3"):
         wire.receive(_frames(Message("x", 1, 3, {}, {"w": torch.ones(2)})), wire.Limits(), refuse, wire.TO_SERVER)
+
+
+def test_a_forged_header_is_refused_before_any_data_frame_is_read() -> None:
+    """Memory before authentication: a header with a bad tag ends the read at the second frame,
+    however much data it announces and follows it (the data frames are never pulled)."""
+    msg = Message("fit_result", 1, 3, {}, {"w": torch.ones(100)})
+    frames = _frames(msg)
+    pulled: list[int] = []
+
+    def stream(first: list[bytes]) -> Iterator[bytes]:
+        for i, frame in enumerate(first + [pb.Frame(data=b"x" * 1024).SerializeToString()] * 1000):
+            pulled.append(i)
+            yield frame
+
+    forged = [frames[0], pb.Frame(mac=b"\0" * 32).SerializeToString()]
+    with pytest.raises(wire.WireError, match="bad header tag"):
+        wire.receive(stream(forged), wire.Limits(), lambda e: KEY, wire.TO_SERVER)
+    assert len(pulled) == 2
+    seen: list[int] = []
+    pulled.clear()
+
+    def refuse(env: pb.Envelope) -> None:
+        seen.append(len(pulled))
+        raise wire.WireError("no open request")
+
+    with pytest.raises(wire.WireError, match="no open request"):
+        wire.receive(stream(frames[:2]), wire.Limits(), lambda e: KEY, wire.TO_SERVER, refuse)
+    assert seen == [2] and len(pulled) == 2
 
 
 def test_signatures_bind_every_field_and_nonces_catch_replays(tmp_path: Path) -> None:

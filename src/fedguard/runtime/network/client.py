@@ -11,6 +11,8 @@ import hmac
 import itertools
 import logging
 import os
+import socket
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ FATAL = {
     grpc.StatusCode.INVALID_ARGUMENT,
 }
 EXIT_DONE, EXIT_CONFIG, EXIT_REFUSED, EXIT_GAVE_UP = 0, 2, 3, 4
+#: an HTTP/2 client preface and an empty SETTINGS frame: what a TLS probe sends to get an answer
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 @dataclass
@@ -138,13 +142,21 @@ class NetworkClient:
         self.log(f"connecting to {self.opts.server} ({'TLS' if not self.opts.insecure else 'plaintext, loopback'})")
         down_since: float | None = None
         backoff = 0.2
+        probed = -1e9
         while True:
             try:
+                if time.monotonic() - probed > 5.0:  # a TLS refusal is permanent: name it and stop
+                    probed = time.monotonic()
+                    problem = diagnose_tls(self.opts)
+                    if problem:
+                        logger.error("client %d: %s", self.client_id, problem)
+                        return EXIT_REFUSED
                 try:
                     welcome = self._join()
                 except grpc.RpcError as exc:
                     if exc.code() in FATAL:
-                        logger.error("client %d: refused by the server: %s", self.client_id, exc.details())
+                        logger.error("client %d: refused by the server: %s", self.client_id,
+                                     explain_refusal(exc.details() or "", self.client_id, self.opts))
                         return EXIT_REFUSED
                     raise
                 self._ensure_app(welcome)
@@ -221,10 +233,11 @@ class NetworkClient:
         assert self.app is not None
         try:
             reply = self.app.handle(msg)
+            frames = [f.SerializeToString() for f in encode(reply, route, self.key, TO_SERVER, self.chunk_bytes)]
         except Exception as exc:  # noqa: BLE001 - report the failure to the server, keep serving
             logger.exception("client %d: failed to answer %s", self.client_id, msg.kind)
             reply = Message("error", msg.round, self.client_id, {"error": f"{type(exc).__name__}: {exc}"})
-        frames = [f.SerializeToString() for f in encode(reply, route, self.key, TO_SERVER, self.chunk_bytes)]
+            frames = [f.SerializeToString() for f in encode(reply, route, self.key, TO_SERVER, self.chunk_bytes)]
         size = sum(len(f) for f in frames)
         ack = pb.SubmitReply.FromString(self._submit_rpc(iter(frames), timeout=300))
         if not ack.accepted:
@@ -239,6 +252,85 @@ class NetworkClient:
             return
         self.app = build_app(self.opts, self.client_id, welcome)
         self._config_toml = welcome.config_toml
+
+
+def explain_refusal(details: str, client_id: int, opts: ClientOptions) -> str:
+    """The server's reason for refusing this client, with what to do about it."""
+    if "revoked" in details:
+        return (f"{details}. The server's registry marks client {client_id} revoked; its operator can reinstate it "
+                f"(fedguard certs --reinstate {client_id}) or issue a new key (fedguard certs --add ID)")
+    if "unknown client id" in details:
+        return (f"{details}. The key file {opts.key_file} is not in the server's registry: use the key the server's "
+                f"operator made for you (fedguard certs --add {client_id} writes client-{client_id}.key)")
+    if "bad signature on Hello" in details:
+        return (f"{details}. The server holds another key for client {client_id}: use the client-{client_id}.key "
+                "from the same `fedguard certs` folder as the server's clients.json")
+    if "TLS certificate" in details or "certificate" in details:
+        return (f"{details}. Use the certificate of this client (--cert client-{client_id}.pem "
+                f"--cert-key client-{client_id}-key.pem) with its key file")
+    if "protocol" in details:
+        return f"{details}. Run the same fedguard version as the server"
+    return details
+
+
+def diagnose_tls(opts: ClientOptions, timeout: float = 5.0) -> str | None:
+    """A permanent TLS problem with the server, in words with its fix; None when the handshake
+    succeeds, TLS is off, or the server cannot be reached (that is worth retrying)."""
+    if opts.insecure:
+        return None
+    host, port = split_address(opts.server)
+    try:
+        ctx = ssl.create_default_context(cafile=opts.ca) if opts.ca else ssl.create_default_context()
+        if opts.cert and opts.cert_key:
+            ctx.load_cert_chain(opts.cert, opts.cert_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientSetupError(f"cannot load the TLS files (--ca/--cert/--cert-key): {exc}") from exc
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None
+    try:
+        with ctx.wrap_socket(sock, server_hostname=opts.server_name or host) as tls:
+            tls.settimeout(timeout)
+            tls.sendall(_H2_PREFACE)
+            if not tls.recv(1):  # a gRPC server answers with its SETTINGS; it closed: our certificate
+                return _tls_alert_problem(opts, ssl.SSLError(1, "closed after the handshake: HANDSHAKE_FAILURE"))
+    except ssl.SSLCertVerificationError as exc:
+        return _server_certificate_problem(opts, exc)
+    except ssl.SSLError as exc:
+        return _tls_alert_problem(opts, exc)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return None
+
+
+def _server_certificate_problem(opts: ClientOptions, exc: ssl.SSLCertVerificationError) -> str:
+    why = exc.verify_message or str(exc)
+    if "mismatch" in why.lower():
+        return (f"TLS: the server's certificate is not for {opts.server_name or opts.server} ({why}); "
+                "pass --server-name with a name it is issued for (fedguard certs --hosts ...)")
+    ca = f"--ca {opts.ca}" if opts.ca else "the system's CAs (no --ca given)"
+    return (f"TLS: the server's certificate is not signed by {ca} ({why}); wrong CA: pass --ca with the CA "
+            "certificate that signed the server's (ca.pem from the server's operator)")
+
+
+def _tls_alert_problem(opts: ClientOptions, exc: ssl.SSLError) -> str | None:
+    text = f"{getattr(exc, 'reason', '') or ''} {exc}".upper()
+    if "CERTIFICATE_REQUIRED" in text or ("HANDSHAKE_FAILURE" in text and not opts.cert):
+        return ("TLS: the server requires a client certificate (mutual TLS) and none was given; missing certificate: "
+                "add --cert client-K.pem --cert-key client-K-key.pem (from `fedguard certs`)")
+    if any(k in text for k in ("UNKNOWN_CA", "BAD_CERTIFICATE", "DECRYPT_ERROR", "CERTIFICATE_UNKNOWN",
+                               "HANDSHAKE_FAILURE")):
+        return (f"TLS: the server refused the client certificate {opts.cert} (not signed by the CA it trusts for "
+                "clients, network.client_ca); use the certificate its operator issued for this client")
+    if "CERTIFICATE_EXPIRED" in text:
+        return f"TLS: the client certificate {opts.cert} has expired; ask for a new one"
+    if "WRONG_VERSION_NUMBER" in text or "RECORD_LAYER_FAILURE" in text:
+        return "TLS: the server does not speak TLS (a loopback server with network.tls = 'off'): use --insecure"
+    return None
 
 
 def _welcome_ok(key: bytes, welcome: pb.Welcome) -> bool:

@@ -17,8 +17,10 @@ def _setup_logging() -> None:
 def _cmd_server(args: argparse.Namespace) -> int:
     import fedguard.plugins  # noqa: F401  (every family registers its config section)
     from fedguard.config import Config
+    from fedguard.runtime.network import tlslog
     from fedguard.runtime.network.server import serve
 
+    tlslog.install()  # gRPC's failed TLS handshakes become refusal lines and counts
     _setup_logging()
     log = logging.getLogger("fedguard.server").info
     if args.resume:

@@ -35,6 +35,7 @@ from fedguard.runtime.network.wire import (
     Received,
     Routing,
     encode,
+    header_tag,
     parse_frame,
     receive,
 )
@@ -138,7 +139,8 @@ def _resign(client: RawClient, env: pb.Envelope, payload: bytes) -> Frames:
     header = env.SerializeToString()
     mac = hmac.new(client.key, digestmod=hashlib.sha256)
     mac.update(TO_SERVER + b"\0" + len(header).to_bytes(8, "little") + header + payload)
-    frames = [pb.Frame(header=header).SerializeToString()]
+    tag = header_tag(client.key, TO_SERVER, header)
+    frames = [pb.Frame(header=header).SerializeToString(), pb.Frame(mac=tag).SerializeToString()]
     if payload:
         frames.append(pb.Frame(data=payload).SerializeToString())
     return frames + [pb.Frame(mac=mac.digest()).SerializeToString()]
@@ -169,7 +171,7 @@ class Fuzzer:
         frames = self._good(req)
         env = _header(frames)
         env_edit(env)
-        data = b"".join(parse_frame(f).data for f in frames[1:-1]) if payload is None else payload
+        data = b"".join(parse_frame(f).data for f in frames[2:-1]) if payload is None else payload
         out = _resign(self.client, env, data)
         self.sent_valid_mac.append(out)
         return out
@@ -182,7 +184,7 @@ class Fuzzer:
 
     def case_data_first(self, req: Received) -> object:
         frames = self._good(req)
-        return self.client.submit(frames[1:])
+        return self.client.submit(frames[2:])
 
     def case_garbage_header(self, req: Received) -> object:
         frames = self._good(req)
@@ -208,9 +210,9 @@ class Fuzzer:
 
     def case_altered_payload(self, req: Received) -> object:
         frames = self._good(req)
-        data = bytearray(parse_frame(frames[1]).data)
+        data = bytearray(parse_frame(frames[2]).data)
         data[self.rng.randrange(len(data))] ^= 0x01
-        return self.client.submit([frames[0], pb.Frame(data=bytes(data)).SerializeToString(), *frames[2:]])
+        return self.client.submit([*frames[:2], pb.Frame(data=bytes(data)).SerializeToString(), *frames[3:]])
 
     def case_reflected_direction(self, req: Received) -> object:
         return self.client.submit(self._good(req, direction=TO_CLIENT))
@@ -243,7 +245,7 @@ class Fuzzer:
 
     def case_truncated(self, req: Received) -> object:
         frames = self._good(req)
-        data = b"".join(parse_frame(f).data for f in frames[1:-1])
+        data = b"".join(parse_frame(f).data for f in frames[2:-1])
         return self.client.submit(_resign(self.client, _header(frames), data[: len(data) // 2]))
 
     def case_missing_mac(self, req: Received) -> object:

@@ -6,6 +6,14 @@ connected client's task stream pick its request up, and waits until every client
 dropped (its connection broke after it got the request) or the deadline passed. Clients may
 join late, drop and reconnect; a malformed, forged, replayed, stale or oversized message is
 refused with a logged reason and the round goes on.
+
+Under attack (issue 14): every call is checked against the registry first (under mutual TLS,
+the certificate's client must be registered and not revoked, so a revoked client's calls are
+refused before any of their data is read, and its open stream is closed within a second of
+the revocation); a reply's header must authenticate before any data frame is read; each call
+has deadlines (:mod:`~fedguard.runtime.network.guard`) and each identity a cap on open calls.
+Every refusal, failed TLS handshakes included, is one warning line in the log and is counted
+by kind in ``refusals.json`` in the run folder.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,10 +35,11 @@ from google.protobuf.message import DecodeError
 
 from fedguard.messages import Message
 from fedguard.runtime.base import Exchange, TrafficCounter
-from fedguard.runtime.network import auth
+from fedguard.runtime.network import auth, tlslog
 from fedguard.runtime.network.certs import client_common_name
+from fedguard.runtime.network.guard import Busy, CallGuard, Ticket
 from fedguard.runtime.network.proto import fedguard_net_v1_pb2 as pb
-from fedguard.runtime.network.settings import NetworkConfig, use_tls
+from fedguard.runtime.network.settings import NetworkConfig, mutual, use_tls
 from fedguard.runtime.network.wire import (
     PB_DTYPES,
     PROTOCOL_VERSION,
@@ -47,14 +57,27 @@ logger = logging.getLogger("fedguard.server")
 
 SERVICE = "fedguard.net.v1.Federation"
 SESSION_BYTES = 16
+#: largest frame the server receives: a client's 1 MiB data chunk and its framing. It is all
+#: that is buffered for a call before its header authenticates.
+MAX_FRAME_IN = (1 << 20) + (64 << 10)
+#: the handler thread pool never grows beyond this (calls past it are refused, not queued)
+MAX_THREADS = 2048
 
 
 class Refused(Exception):
     """A request turned away with a gRPC status code and a reason that is logged."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, client_id: int | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, reason: str, client_id: int | None = None, kind: str = "") -> None:
         super().__init__(reason)
         self.code, self.reason, self.client_id = code, reason, client_id
+        self.kind = kind or _KINDS.get(code, "message")
+
+
+_KINDS = {
+    grpc.StatusCode.PERMISSION_DENIED: "identity",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "busy",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+}
 
 
 @dataclass
@@ -109,6 +132,8 @@ class Session:
     open: bool = True
     #: its task stream was open and has closed: the client dropped
     ended: bool = False
+    #: why the registry no longer admits this client (revoked since it joined)
+    barred: str | None = None
 
 
 @dataclass
@@ -121,6 +146,8 @@ class Task:
     started: float
     session_id: bytes | None = None
     sent_bytes: int = 0
+    #: a reply's data is being read for it (a second one is refused before its data)
+    receiving: bool = False
 
 
 @dataclass
@@ -149,7 +176,15 @@ class NetworkCommunicator:
         self.limits = Limits(max_payload_bytes=int(net.max_message_mb * (1 << 20)))
         self.traffic = TrafficCounter()
         self.rejections = 0
+        self.refusals: Counter[str] = Counter()
         self._tls, self._nonces = use_tls(net), auth.NonceCache()
+        self._mutual = self._tls and mutual(net)
+        self._refusals_path = events_path.parent / "refusals.json" if events_path else None
+        self._ticks = 0
+        self.guard = CallGuard(
+            net.first_frame_s, net.idle_s, net.round_deadline_s, net.max_calls_per_client,
+            net.max_unauthenticated_calls, self._expired, on_tick=self._tick,
+        )
         self._cond = threading.Condition()
         self._sessions: dict[int, Session] = {}
         self._seen: set[int] = set()
@@ -193,9 +228,14 @@ class NetworkCommunicator:
             while any(s.streaming for s in self._sessions.values()) and time.monotonic() < end:
                 self._cond.wait(0.1)
         self._server.stop(grace=2.0).wait(5.0)
+        self.guard.close()
+        tlslog.unsubscribe(self._tls_refused)
         if self._events:
             self._events.close()
-        self.log(f"server stopped; {self.rejections} messages were refused during the run")
+        self._write_refusals()
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.refusals.items()))
+        by_kind = f" ({kinds})" if kinds else ""
+        self.log(f"server stopped; {self.rejections} messages were refused during the run{by_kind}")
 
     # -- exchange helpers -----------------------------------------------------------------
     def _connected(self) -> int:
@@ -268,6 +308,18 @@ class NetworkCommunicator:
             for event in sorted(current.events, key=lambda e: e["client"]):
                 self._events.write(json.dumps(event) + "\n")
             self._events.flush()
+        self._write_refusals()
+
+    def _write_refusals(self) -> None:
+        """The refusals so far, by kind, in the run folder (the network's security metrics)."""
+        if self._refusals_path is None:
+            return
+        with self._cond:
+            body = {"total": self.rejections, "by_kind": dict(sorted(self.refusals.items())),
+                    "evicted_calls": self.guard.evicted}
+        tmp = self._refusals_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(body) + "\n")
+        tmp.replace(self._refusals_path)
 
     # -- gRPC plumbing --------------------------------------------------------------------
     def _start(self) -> tuple[grpc.Server, int]:
@@ -276,10 +328,11 @@ class NetworkCommunicator:
             "Tasks": grpc.unary_stream_rpc_method_handler(self._tasks),
             "Submit": grpc.stream_unary_rpc_method_handler(self._submit),
         }
-        frame_limit = 4 << 20
+        workers = min(MAX_THREADS, self.info.population * self.net.max_calls_per_client
+                      + self.net.max_unauthenticated_calls + 8)
         options = [
-            ("grpc.max_receive_message_length", frame_limit),
-            ("grpc.max_send_message_length", frame_limit),
+            ("grpc.max_receive_message_length", MAX_FRAME_IN),
+            ("grpc.max_send_message_length", 4 << 20),
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_time_ms", int(self.net.keepalive_s * 1000)),
             ("grpc.keepalive_timeout_ms", 10_000),
@@ -287,11 +340,11 @@ class NetworkCommunicator:
             ("grpc.http2.min_ping_interval_without_data_ms", 1000),
             ("grpc.http2.max_pings_without_data", 0),
         ]
-        workers = self.info.population + 32
         server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedguard-rpc"),
             handlers=[grpc.method_handlers_generic_handler(SERVICE, handlers)],
             options=options,
+            maximum_concurrent_rpcs=workers,
         )
         try:
             port = self._bind(server)
@@ -300,10 +353,11 @@ class NetworkCommunicator:
         if port == 0:
             raise OSError(f"cannot listen on {self.net.address} (address in use?)")
         server.start()
+        tlslog.subscribe(self._tls_refused)
         host = self.net.address.rpartition(":")[0]
         security = "plaintext (loopback only)"
         if self._tls:
-            security = "TLS" + (", client certificates required" if self.net.client_ca else "")
+            security = "TLS" + (", client certificates required" if self._mutual else ", no client certificates")
         self.log(
             f"fedguard server (protocol v{PROTOCOL_VERSION}) listening on {host}:{port}, {security}; "
             f"{len(self.registry.ids())} registered clients; population {self.info.population}"
@@ -319,14 +373,65 @@ class NetworkCommunicator:
         return server.add_secure_port(self.net.address, creds)
 
     def _refuse(self, context: grpc.ServicerContext, exc: Refused) -> None:
-        self._note_rejection(context.peer(), exc.client_id, exc.reason)
+        self._note_rejection(context.peer(), exc.client_id, exc.reason, exc.kind)
         context.abort(exc.code, exc.reason)
 
-    def _note_rejection(self, peer: str, client_id: int | None, reason: str) -> None:
+    def _note_rejection(self, peer: str, client_id: int | str | None, reason: str, kind: str = "message") -> None:
         with self._cond:
             self.rejections += 1
-        who = f"client {client_id}" if client_id is not None else "unidentified peer"
-        logger.warning("refused message from %s (%s): %s", who, peer, reason)
+            self.refusals[kind] += 1
+        who = f"client {client_id}" if isinstance(client_id, int) else client_id or "unidentified peer"
+        logger.warning("refused message from %s (%s) [%s]: %s", who, peer, kind, reason)
+
+    def _tls_refused(self, reason: str) -> None:
+        """A TLS handshake gRPC refused (from its log): one line and one count, like every refusal."""
+        self._note_rejection("TLS handshake", None, reason, "tls")
+
+    def _expired(self, ticket: Ticket) -> None:
+        self._note_rejection(_peer(ticket.context), ticket.identity, f"{ticket.what}: {ticket.expired}", "deadline")
+
+    def _tick(self) -> None:
+        """Every second: close the streams of clients the registry no longer admits."""
+        self._ticks += 1
+        if self._ticks % 5:
+            return
+        with self._cond:
+            sessions = [s for s in self._sessions.values() if s.open and s.barred is None]
+        barred = []
+        for session in sessions:
+            try:
+                self.registry.key(session.client_id)
+            except auth.AuthError as exc:
+                barred.append((session, str(exc)))
+        if barred:
+            with self._cond:
+                for session, reason in barred:
+                    session.barred = reason
+                self._cond.notify_all()
+
+    # -- identity of a call -----------------------------------------------------------------
+    def _certified(self, context: grpc.ServicerContext) -> int | None:
+        """Under mutual TLS, the registered and active client the peer's certificate names
+        (before any of the call's data is used); None without mutual TLS."""
+        if not self._mutual:
+            return None
+        names = [bytes(n).decode(errors="replace") for n in context.auth_context().get("x509_common_name", [])]
+        ids = [int(n[7:]) for n in names if n.startswith("client-") and n[7:].isdigit()]
+        if len(ids) != 1:
+            what = f"TLS certificate {names or 'without a name'} names no client"
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, what)
+        try:
+            self.registry.key(ids[0])
+        except auth.AuthError as exc:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"certificate of {exc}", ids[0], "identity") from exc
+        return ids[0]
+
+    def _enter(self, context: grpc.ServicerContext, what: str, cid: int | None, deadline_s: float | None,
+               call_s: float | None = None) -> Ticket:
+        try:
+            return self.guard.enter(context, what, None if cid is None else f"client {cid}", deadline_s, call_s)
+        except Busy as exc:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {exc}", cid, "busy") from exc
 
     def _internal(self, context: grpc.ServicerContext, what: str) -> None:
         logger.exception("internal error while handling %s from %s", what, context.peer())
@@ -334,12 +439,19 @@ class NetworkCommunicator:
 
     # -- Join -----------------------------------------------------------------------------
     def _join(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        ticket = None
         try:
+            certified = self._certified(context)
+            if certified is not None:  # a Join's request is read whole before it gets here
+                ticket = self._enter(context, "Join", certified, self.net.first_frame_s)
             return self._welcome(raw, context).SerializeToString()
         except Refused as exc:
             self._refuse(context, exc)
         except Exception:  # noqa: BLE001 - a handler must never take the server down
             self._internal(context, "Join")
+        finally:
+            if ticket is not None:
+                self.guard.leave(ticket)
         return b""
 
     def _welcome(self, raw: bytes, context: grpc.ServicerContext) -> pb.Welcome:
@@ -386,7 +498,7 @@ class NetworkCommunicator:
             raise Refused(code, str(exc), cid) from exc
 
     def _check_certificate(self, context: grpc.ServicerContext, cid: int) -> None:
-        if not self.net.client_ca:
+        if not self._mutual:
             return
         names = [bytes(n).decode(errors="replace") for n in context.auth_context().get("x509_common_name", [])]
         if client_common_name(cid) not in names:
@@ -417,8 +529,14 @@ class NetworkCommunicator:
 
     # -- Tasks ----------------------------------------------------------------------------
     def _tasks(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
-        try:
-            session = self._open_stream(raw)
+        try:  # the poll request is read whole before it gets here: authenticate it, then count it
+            session = self._open_stream(raw, self._certified(context))
+            try:
+                ticket = self._enter(context, "Tasks", session.client_id, 1e9, float("inf"))
+            except Refused:
+                with self._cond:
+                    session.streaming = False
+                raise
         except Refused as exc:
             self._refuse(context, exc)
             return
@@ -426,11 +544,17 @@ class NetworkCommunicator:
             self._internal(context, "Tasks")
             return
         context.add_callback(lambda: self._stream_ended(session))
-        yield from self._stream(session, context)
+        try:
+            yield from self._stream(session, context, ticket)
+        finally:
+            self.guard.leave(ticket)
 
-    def _open_stream(self, raw: bytes) -> Session:
+    def _open_stream(self, raw: bytes, certified: int | None = None) -> Session:
         req = _parse(pb.PollRequest, raw, "Tasks")
         cid = int(req.client_id)
+        if certified is not None and cid != certified:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"task poll for client {cid} on client {certified}'s "
+                          "certificate", certified)
         session = self._session(cid, bytes(req.session_id))
         if not auth.verify(session.key, req.mac, "poll", cid, req.session_id, req.seq):
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad signature on task poll", cid)
@@ -452,10 +576,18 @@ class NetworkCommunicator:
         self._client_key(cid)  # revoked since it joined?
         return session
 
-    def _stream(self, session: Session, context: grpc.ServicerContext) -> Iterator[bytes]:
+    def _stream(self, session: Session, context: grpc.ServicerContext, ticket: Ticket) -> Iterator[bytes]:
+        """The session's requests; a client that stops reading for ``idle_s`` is evicted (its
+        send would otherwise hold this thread), one revoked meanwhile is cut off."""
         while True:
+            self.guard.extend(ticket, 1e9)
             task, seq, control = self._next(session, context)
+            if session.barred is not None:
+                self._refuse(context, Refused(grpc.StatusCode.PERMISSION_DENIED, session.barred, session.client_id))
+                return
+            idle = f"did not read its task stream for {self.net.idle_s:g} s (stream evicted)"
             if control is not None:
+                self.guard.extend(ticket, reason=idle)
                 yield pb.Frame(control=control).SerializeToString()
                 if control.code != pb.Control.KEEPALIVE:
                     return
@@ -469,6 +601,7 @@ class NetworkCommunicator:
                 with self._cond:
                     task.sent_bytes += len(data)
                     self.traffic.sent += len(data)
+                self.guard.extend(ticket, reason=idle)
                 yield data
 
     def _next(self, session: Session, context: grpc.ServicerContext) -> tuple[Task | None, int, pb.Control | None]:
@@ -480,7 +613,7 @@ class NetworkCommunicator:
                     return None, 0, pb.Control(code=pb.Control.DONE, reason="the run is over")
                 if not session.open:
                     return None, 0, pb.Control(code=pb.Control.SUPERSEDED, reason="a newer session replaced this one")
-                if not context.is_active():
+                if not context.is_active() or session.barred is not None:
                     return None, 0, None
                 task = self._pending.get(session.client_id)
                 if task is not None and task.session_id is None:
@@ -504,30 +637,72 @@ class NetworkCommunicator:
 
     # -- Submit ---------------------------------------------------------------------------
     def _submit(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
-        holder: dict[str, Session] = {}
+        try:
+            certified = self._certified(context)
+            ticket = self._enter(context, "Submit", certified, self.net.first_frame_s)
+        except Refused as exc:
+            self._refuse(context, exc)
+            return b""
+        try:
+            return self._read_reply(self.guard.frames(ticket, frames), context, ticket, certified)
+        finally:
+            self.guard.leave(ticket)
+
+    def _read_reply(self, frames: Iterator[bytes], context: grpc.ServicerContext, ticket: Ticket,
+                    certified: int | None) -> bytes:
+        holder: dict[str, Any] = {}
 
         def key_for(env: pb.Envelope) -> bytes:
+            if certified is not None and int(env.client_id) != certified:
+                raise WireError(f"message of client {env.client_id} on client {certified}'s certificate")
             try:
                 holder["session"] = self._session(int(env.client_id), bytes(env.session_id))
             except Refused as exc:
                 raise WireError(f"client {env.client_id}: {exc.reason}") from exc
             return holder["session"].key
 
+        def authorized(env: pb.Envelope) -> None:  # the header is authentic; no data read yet
+            try:
+                self.guard.authenticated(ticket, f"client {holder['session'].client_id}")
+            except Busy as exc:
+                raise WireError(str(exc)) from exc
+            holder["task"] = self._claim(holder["session"], env)
+
+        kind = "message"
         try:
-            rec = receive(frames, self.limits, key_for, TO_SERVER)
+            rec = receive(frames, self.limits, key_for, TO_SERVER, authorized)
             reason = self._accept(holder["session"], rec)
         except WireError as exc:
             reason = str(exc)
         except grpc.RpcError:
-            reason = "stream broken before the message was complete"
+            reason, kind = ticket.expired or "stream broken before the message was complete", "deadline"
         except Exception:  # noqa: BLE001
             logger.exception("internal error while handling Submit from %s", context.peer())
             reason = "internal server error"
+        finally:
+            task = holder.get("task")
+            if task is not None:
+                task.receiving = False
         if reason is None:
             return pb.SubmitReply(accepted=True).SerializeToString()
         session = holder.get("session")
-        self._note_rejection(context.peer(), session.client_id if session else None, reason)
+        if ticket.expired is None:  # the watchdog counted the ones it evicted
+            self._note_rejection(context.peer(), session.client_id if session else ticket.identity, reason, kind)
         return pb.SubmitReply(accepted=False, reason=reason).SerializeToString()
+
+    def _claim(self, session: Session, env: pb.Envelope) -> Task:
+        """The open request an authenticated header answers; refused before any data is read
+        when there is none, or when another reply to it is being read."""
+        with self._cond:
+            if env.seq <= session.submit_seq:
+                raise WireError(f"replayed message (sequence {env.seq}, last seen {session.submit_seq})")
+            task = self._pending.get(session.client_id)
+            if task is None or task.task_id != env.task_id:
+                raise WireError("reply to no open request (stale, replayed or unknown request id)")
+            if task.receiving:
+                raise WireError("another reply to this request is being received")
+            task.receiving = True
+            return task
 
     def _accept(self, session: Session, rec: Received) -> str | None:
         """File a verified reply under its open request; the reason when it does not fit."""
@@ -561,6 +736,13 @@ class NetworkCommunicator:
         else:
             self._round.result.replies[task.client_id] = msg
             self._round.events.append(self._event(task, "ok", "", rec.wire_bytes))
+
+
+def _peer(context: Any) -> str:
+    try:
+        return str(context.peer())
+    except Exception:  # noqa: BLE001 - a finished call may no longer know its peer
+        return "?"
 
 
 def _parse(cls: Any, raw: bytes, what: str) -> Any:

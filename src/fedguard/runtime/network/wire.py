@@ -1,10 +1,13 @@
 """A :class:`~fedguard.messages.Message` as gRPC frames: typed header, raw tensor chunks, MAC.
 
-The header (a serialised ``Envelope``) names each tensor's dtype, shape and byte length; the
-tensors' raw little-endian bytes follow in data frames of at most ``chunk_bytes``; the last
-frame is an HMAC-SHA256 over a direction label, the header and every data byte. A receiver
-checks the header against :class:`Limits` before it reads any data, and trusts nothing until
-the MAC verifies. Malformed input raises :class:`WireError` with the reason.
+The header (a serialised ``Envelope``) names each tensor's dtype, shape and byte length; a
+``mac`` frame with the header's own tag (HMAC-SHA256 over a direction label and the header)
+follows it; the tensors' raw little-endian bytes follow in data frames of at most
+``chunk_bytes``; the last frame is an HMAC-SHA256 over the direction label, the header and
+every data byte. A receiver checks the header against :class:`Limits` and its tag before it
+reads any data, so no more than one frame is buffered for a sender that is not authenticated
+(the header's session, sequence number and one-time request id bind the rest to it), and it
+trusts no data until the final MAC verifies. Malformed input raises :class:`WireError`.
 """
 
 from __future__ import annotations
@@ -84,6 +87,13 @@ def _mac(key: bytes, direction: bytes, header: bytes) -> hmac.HMAC:
     return mac
 
 
+def header_tag(key: bytes, direction: bytes, header: bytes) -> bytes:
+    """The tag of a header alone (checked before any data frame is read); distinct from the message MAC."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    mac.update(b"header\0" + direction + b"\0" + len(header).to_bytes(8, "little") + header)
+    return mac.digest()
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw little-endian bytes of a tensor, row-major."""
     flat = t.detach().cpu().contiguous().reshape(-1)
@@ -113,7 +123,7 @@ def encode(msg: Message, route: Routing, key: bytes, direction: bytes, chunk_byt
         payload_bytes=len(payload),
     ).SerializeToString()
     mac = _mac(key, direction, header)
-    frames = [pb.Frame(header=header)]
+    frames = [pb.Frame(header=header), pb.Frame(mac=header_tag(key, direction, header))]
     for start in range(0, len(payload), chunk_bytes):
         piece = payload[start : start + chunk_bytes]
         mac.update(piece)
@@ -207,11 +217,14 @@ def receive(
     limits: Limits,
     key_for: Callable[[pb.Envelope], bytes],
     direction: bytes,
+    authorized: Callable[[pb.Envelope], None] | None = None,
 ) -> Received:
-    """Read one message from raw frames: header, data, MAC; verify it.
+    """Read one message from raw frames: header, header tag, data, MAC; verify it.
 
     ``key_for`` sees the parsed header first; it raises :class:`WireError` to refuse the
-    sender (unknown session, ...) or returns the key the MAC must verify with.
+    sender (unknown session, ...) or returns the key the MAC must verify with. The header's
+    tag is checked next; ``authorized`` then sees the authenticated header (and may refuse it)
+    before any data frame is read.
     """
     it: Iterator[bytes] = iter(frames)
     first = next(it, None)
@@ -222,7 +235,19 @@ def receive(
     if frame.WhichOneof("body") != "header":
         raise WireError(f"first frame must be a header, got {frame.WhichOneof('body')}")
     env = parse_header(frame.header, limits)
-    mac = _mac(key_for(env), direction, frame.header)
+    key = key_for(env)
+    tag_raw = next(it, None)
+    if tag_raw is None:
+        raise WireError("stream ended before the header's tag")
+    wire += len(tag_raw)
+    tag = parse_frame(tag_raw)
+    if tag.WhichOneof("body") != "mac":
+        raise WireError(f"the header must be followed by its tag, got a {tag.WhichOneof('body')} frame")
+    if not hmac.compare_digest(header_tag(key, direction, frame.header), tag.mac):
+        raise WireError("bad header tag: header forged or altered (refused before reading any data)")
+    if authorized is not None:
+        authorized(env)
+    mac = _mac(key, direction, frame.header)
     payload = bytearray()
     for raw in it:
         wire += len(raw)
