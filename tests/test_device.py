@@ -16,6 +16,7 @@ from fedguard.data import ArrayDataset
 from fedguard.device import model_on, params_to, resolve_device
 from fedguard.pipeline.base import ConfigurationError
 from fedguard.privacy.dpsgd import gaussian_like
+from fedguard.privacy.noise import SeededRandom
 from fedguard.privacy.per_example import _conv, _embedding, _linear, _materialised
 
 SMALL = ["data.num_clients=4", "data.max_train_examples=400", "run.rounds=2", "run.eval_every=1", "run.workers=1",
@@ -60,11 +61,13 @@ def test_model_and_data_are_placed_once_and_the_originals_stay():
 def test_dp_noise_lands_on_the_device_of_the_gradients_and_is_the_same_noise():
     """DP-SGD's noise on a GPU used to be drawn on the CPU and added to GPU tensors (an error)."""
     grads = {"w": torch.zeros(3, 2, device="meta"), "b": torch.zeros(2, device="meta")}
-    noise = gaussian_like(grads, 1.0, torch.Generator().manual_seed(0))
+    seeded = SeededRandom()  # the research-only source: the same noise from the same generator
+    noise = gaussian_like(grads, 1.0, torch.Generator().manual_seed(0), seeded)
     assert {v.device.type for v in noise.values()} == {"meta"}
     cpu_noise = gaussian_like({k: torch.zeros(v.shape) for k, v in grads.items()}, 1.0,
-                              torch.Generator().manual_seed(0))
-    again = gaussian_like({k: torch.zeros(v.shape) for k, v in grads.items()}, 1.0, torch.Generator().manual_seed(0))
+                              torch.Generator().manual_seed(0), seeded)
+    again = gaussian_like({k: torch.zeros(v.shape) for k, v in grads.items()}, 1.0, torch.Generator().manual_seed(0),
+                          seeded)
     assert all(torch.equal(cpu_noise[k], again[k]) for k in grads)
 
 

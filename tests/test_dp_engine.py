@@ -1,7 +1,6 @@
 """DP in whole runs: every mode on tiny data, budget mode, BatchNorm refused, reproducibility."""
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -42,15 +41,23 @@ def test_sample_level_run_reports_epsilon_every_round(tmp_path):
     assert result.final["epsilon"] == eps[-1]
 
 
-def test_same_seed_same_noise(tmp_path):
-    a = run(tmp_path, "dp.mode=sample", "run.rounds=1", name="a")
-    b = run(tmp_path, "dp.mode=sample", "run.rounds=1", "run.workers=2", name="b")
+def test_same_seed_same_noise_only_when_seeded(tmp_path):
+    a = run(tmp_path, "dp.mode=sample", "run.rounds=1", "dp.noise_source=seeded", name="a")
+    b = run(tmp_path, "dp.mode=sample", "run.rounds=1", "run.workers=2", "dp.noise_source=seeded", name="b")
     assert all(torch.equal(a.params[k], b.params[k]) for k in a.params)
+    assert a.final["epsilon_note"] == "not a guarantee: noise reproducible from the seed"
+    assert json.loads((a.run_dir / "summary.json").read_text())["epsilon_note"] == a.final["epsilon_note"]
+    assert all(r["epsilon_note"] == a.final["epsilon_note"] for r in a.rows)
+    c = run(tmp_path, "dp.mode=sample", "run.rounds=1", name="c")
+    d = run(tmp_path, "dp.mode=sample", "run.rounds=1", name="d")
+    assert not all(torch.equal(c.params[k], d.params[k]) for k in c.params)  # the secure default
+    assert "epsilon_note" not in c.final and c.final["dp_noise_source"] == "secure"
 
 
 @pytest.mark.parametrize("placement", ["central", "distributed"])
 def test_client_level_run(tmp_path, placement):
-    result = run(tmp_path, "dp.mode=client", f"dp.noise_placement={placement}", "server.weighting=uniform",
+    secure = ["secure.mode=secagg"] if placement == "distributed" else []
+    result = run(tmp_path, "dp.mode=client", f"dp.noise_placement={placement}", "server.weighting=uniform", *secure,
                  "dp.noise_multiplier=0.8", "data.num_clients=8", "server.clients_per_round=4")
     row = result.rows[-1]
     assert row["dp_mechanism"].startswith("client-level") and row["dp_sampling_rate"] == 0.5
@@ -100,19 +107,19 @@ def test_validator_on_user_models():
     validate_for_dpsgd(nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.InstanceNorm2d(4)))
 
 
-def test_large_delta_warns():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        setup = Experiment(overrides=[*TINY, "dp.mode=sample", "dp.delta=0.01"]).assemble()
-    assert any("1/N" in str(w.message) for w in caught)
-    assert setup.pipeline.ledger.delta == 0.01
+def test_large_delta_refused():
+    with pytest.raises(ConfigurationError, match=r"dp.delta=0.01 is not below 1/N .*N = 240 training records"):
+        Experiment(overrides=[*TINY, "dp.mode=sample", "dp.delta=0.01"]).assemble()
+    setup = Experiment(overrides=[*TINY, "dp.mode=sample", "dp.delta=0.004"]).assemble()
+    assert setup.pipeline.ledger.delta == 0.004
 
 
 def test_distributed_dpsgd_refuses_what_it_cannot_account():
     with pytest.raises(ConfigurationError, match="dp.local_steps=1.*dp.sample_rate"):
-        Experiment(overrides=[*TINY, "dp.mode=sample", "dp.noise_placement=distributed"]).assemble()
+        Experiment(overrides=[*TINY, "dp.mode=sample", "dp.noise_placement=distributed",
+                              "secure.mode=secagg"]).assemble()
     setup = Experiment(overrides=[*TINY, "dp.mode=sample", "dp.noise_placement=distributed", "dp.local_steps=1",
-                                  "dp.sample_rate=0.1"]).assemble()
+                                  "dp.sample_rate=0.1", "secure.mode=secagg"]).assemble()
     assert setup.pipeline.ledger.noise_scale(4) == 1.0 and setup.pipeline.ledger.noise_scale(1) == 0.5
 
 

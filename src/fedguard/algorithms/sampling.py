@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,10 @@ class ClientSampler:
     #: sample each available client independently with probability ``sampling_rate`` (a varying
     #: number per round) instead of a fixed number: what client-level DP accounting assumes
     poisson: bool = False
+    #: the server's secret coins (count -> uniforms on (0, 1]) instead of the seed: each round is
+    #: drawn once from them and remembered (set by dp.noise_source=secure; see fedguard.privacy.noise)
+    coins: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
+    _drawn: dict[int, list[int]] = field(default_factory=dict, repr=False)
 
     def available(self, round: int) -> list[int]:
         """Clients that can be sampled in ``round``."""
@@ -67,6 +72,10 @@ class ClientSampler:
 
     def sample(self, round: int) -> list[int]:
         """Sorted ids of the clients sampled in ``round``."""
+        if self.coins is not None:
+            if round not in self._drawn:
+                self._drawn[round] = self._secret_sample(round, self.coins)
+            return self._drawn[round]
         pool = self.available_ids(round)
         if self.poisson:
             keep = np.random.default_rng([self.seed, round]).random(pool.size) < self.sampling_rate
@@ -76,6 +85,15 @@ class ClientSampler:
             return pool.tolist()
         rng = np.random.default_rng([self.seed, round])
         return np.sort(rng.choice(pool, size=k, replace=False)).tolist()
+
+    def _secret_sample(self, round: int, coins: Callable[[int], np.ndarray]) -> list[int]:
+        """The round's sample from secret uniforms: Poisson, or the k smallest of random keys."""
+        pool = self.available_ids(round)
+        u = coins(pool.size)
+        if self.poisson:
+            return pool[u < self.sampling_rate].tolist()
+        k = self.per_round(pool.size)
+        return np.sort(pool[np.argsort(u, kind="stable")[:k]]).tolist()
 
     @property
     def sampling_rate(self) -> float:

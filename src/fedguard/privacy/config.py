@@ -18,6 +18,13 @@ class DPConfig:
         "update: no trust in the server).",
         choices=["none", "sample", "client", "local"],
     )
+    noise_source: str = option(
+        "secure",
+        "Where DP randomness comes from: secure (each party's own OS CSPRNG through ChaCha20, never derived from "
+        "run.seed; the default) or seeded (research simulations only: reproducible from run.seed, so anyone with "
+        "the config can subtract the noise; refused by the network runtime, every epsilon marked 'not a guarantee').",
+        choices=["secure", "seeded"],
+    )
     noise_multiplier: float = option(
         1.0,
         "Noise standard deviation over the clip norm: sigma for sample and local, the total z for client "

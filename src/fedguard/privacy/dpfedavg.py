@@ -36,6 +36,7 @@ import torch
 from fedguard.messages import Message
 from fedguard.pipeline.base import ClientContext, ClientStep, ConfigurationError, ServerContext, ServerStep
 from fedguard.privacy.dpsgd import gaussian_like
+from fedguard.privacy.noise import Randomness, SecureRandom
 from fedguard.types import Params
 
 
@@ -82,10 +83,18 @@ class ClipUpdate(ClientStep):
 
     name = "dp-clip"
 
-    def __init__(self, clip: float, expected_clients: float, adaptive: AdaptiveClip | None = None) -> None:
+    def __init__(
+        self,
+        clip: float,
+        expected_clients: float,
+        adaptive: AdaptiveClip | None = None,
+        source: Randomness | None = None,
+    ) -> None:
         if clip <= 0:
             raise ConfigurationError(f"dp.clip must be positive, got {clip}")
         self.clip, self.expected_clients, self.adaptive = clip, expected_clients, adaptive
+        #: the server's own source for the count noise
+        self.source: Randomness = source or SecureRandom()
         self.by_round: dict[int, float] = {}
 
     def configure(self, round: int, instructions: dict[str, Any]) -> None:
@@ -111,7 +120,7 @@ class ClipUpdate(ClientStep):
             return
         a = self.adaptive
         centred = sum(float(m.meta.get("dp_below_clip", 0)) - 0.5 for m in replies)
-        noisy = centred + float(torch.randn((), generator=ctx.generator, dtype=torch.float64)) * a.count_noise
+        noisy = centred + float(self.source.normal((), torch.float64, ctx.generator)) * a.count_noise
         fraction = noisy / self.expected_clients + 0.5
         self.clip = self.clip_of_round(ctx.round) * math.exp(-a.learning_rate * (fraction - a.target_quantile))
 
@@ -129,13 +138,15 @@ class DistributedNoise(ClientStep):
 
     name = "dp-distributed-noise"
 
-    def __init__(self, noise_multiplier: float, shares: float, clip: float) -> None:
+    def __init__(self, noise_multiplier: float, shares: float, clip: float, source: Randomness | None = None) -> None:
         self.noise_multiplier, self.shares, self.clip = noise_multiplier, shares, clip
+        self.source: Randomness = source or SecureRandom()
 
     def apply(self, update: Params, ctx: ClientContext) -> Params:
-        """Add this client's share of the noise (with its own seeded generator)."""
+        """Add this client's share of the noise (from its own secret source)."""
         clip = float(ctx.instructions.get("dp_clip", self.clip))
-        noise = gaussian_like(update, self.noise_multiplier * clip / math.sqrt(self.shares), ctx.generator)
+        noise = gaussian_like(update, self.noise_multiplier * clip / math.sqrt(self.shares), ctx.generator,
+                              self.source)
         return {k: v + noise[k] for k, v in update.items()}
 
 
@@ -148,12 +159,16 @@ class DPFedAvgNoise(ServerStep):
 
     name = "dp-fedavg"
 
-    def __init__(self, clip_step: ClipUpdate, noise_multiplier: float, expected_clients: float) -> None:
+    def __init__(
+        self, clip_step: ClipUpdate, noise_multiplier: float, expected_clients: float, source: Randomness | None = None
+    ) -> None:
         self.clip_step, self.noise_multiplier, self.expected_clients = clip_step, noise_multiplier, expected_clients
+        #: the server's own source for the central noise
+        self.source: Randomness = source or SecureRandom()
 
     def apply(self, delta: Params, ctx: ServerContext) -> Params:
         """The noised, fixed-denominator aggregate update."""
         completed = len(ctx.completed)
         std = self.noise_multiplier * self.clip_step.clip_of_round(ctx.round)
-        noise = gaussian_like(delta, std, ctx.generator) if std > 0 else {k: 0.0 for k in delta}
+        noise = gaussian_like(delta, std, ctx.generator, self.source) if std > 0 else {k: 0.0 for k in delta}
         return {k: (v * completed + noise[k]) / self.expected_clients for k, v in delta.items()}

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fedguard.pipeline.base import ClientContext, ClientStep
+from fedguard.privacy.noise import Randomness, SecureRandom
 from fedguard.privacy.per_example import FastClippedSum, VmapClippedSum
 from fedguard.types import Params
 
@@ -70,8 +71,12 @@ class DPSGD:
     :meth:`sample` records the client's expected batch size, which :meth:`gradient` divides by.
     """
 
-    def __init__(self, plan: DPSGDPlan, engine: FastClippedSum | VmapClippedSum) -> None:
+    def __init__(
+        self, plan: DPSGDPlan, engine: FastClippedSum | VmapClippedSum, source: Randomness | None = None
+    ) -> None:
         self.plan, self.engine = plan, engine
+        #: where the Poisson masks and the noise come from (the client's own secret by default)
+        self.source: Randomness = source or SecureRandom()
         self._expected_batch = 1.0
         self._loss_sum, self._loss_count = 0.0, 0
 
@@ -81,7 +86,7 @@ class DPSGD:
         self._expected_batch = q * n
         self._loss_sum, self._loss_count = 0.0, 0
         for _ in range(self.plan.local_steps(n)):
-            mask = torch.rand(n, generator=generator) < q
+            mask = self.source.uniform(n, generator) < q
             yield mask.nonzero().squeeze(1)
 
     def gradient(
@@ -101,22 +106,26 @@ class DPSGD:
             sums, loss = result.grads, result.loss
             self._loss_sum, self._loss_count = self._loss_sum + loss, self._loss_count + 1
         std = plan.noise_multiplier * plan.clip / math.sqrt(plan.noise_shares)
-        noise = gaussian_like(dict(zip(params, sums, strict=True)), std, generator)
+        noise = gaussian_like(dict(zip(params, sums, strict=True)), std, generator, self.source)
         with torch.no_grad():
             grads = [(s + noise[k]) / self._expected_batch for k, s in zip(params, sums, strict=True)]
         return grads, loss
 
 
-def gaussian_like(tensors: Params, std: float, generator: torch.Generator) -> Params:
-    """``N(0, std^2)`` noise shaped like each tensor, drawn in sorted-name order.
+def gaussian_like(
+    tensors: Params, std: float, generator: torch.Generator, source: Randomness | None = None
+) -> Params:
+    """``N(0, std^2)`` noise shaped like each tensor, drawn in sorted-name order from ``source``
+    (:class:`~fedguard.privacy.noise.SecureRandom` when None; ``generator`` serves the seeded source).
 
     The order of a received update's tensors can differ between processes (it follows the
     wire format's map), so a fixed order keeps runs reproducible from the seed. The noise is
     drawn on the generator's device (the CPU) and moved to each tensor's: the same noise on
     every device.
     """
+    source = source or SecureRandom()
     return {
-        k: (torch.randn(tensors[k].shape, generator=generator, dtype=tensors[k].dtype) * std).to(tensors[k].device)
+        k: (source.normal(tuple(tensors[k].shape), tensors[k].dtype, generator) * std).to(tensors[k].device)
         for k in sorted(tensors)
     }
 

@@ -24,6 +24,7 @@ from fedguard.algorithms.sampling import ClientSampler
 from fedguard.messages import Message
 from fedguard.pipeline.base import PrivacyLedger, ServerContext
 from fedguard.privacy.accountant import GaussianStep, History, epsilon, history_of
+from fedguard.privacy.noise import NOT_A_GUARANTEE
 
 #: the step(s) a party would take in a round if it took part: party id -> [(step, count)]
 Planner = Callable[[int], list[tuple[GaussianStep, int]]]
@@ -49,6 +50,8 @@ class DPLedger(PrivacyLedger):
         self.rounds = 0
         #: True when each client has its own guarantee (sample-level, local)
         self.per_party = True
+        #: dp.noise_source: "seeded" marks every reported epsilon as no guarantee
+        self.noise_source = "secure"
 
     # -- recording ------------------------------------------------------------------------
     def spend(self, party: int, steps: list[tuple[GaussianStep, int]]) -> None:
@@ -100,7 +103,10 @@ class DPLedger(PrivacyLedger):
             "delta": self.delta,
             "dp_mechanism": self.mechanism,
             "dp_accountant": self.accountant,
+            "dp_noise_source": self.noise_source,
         }
+        if self.noise_source != "secure":
+            out["epsilon_note"] = NOT_A_GUARANTEE
         party, value = self.worst()
         if party is None:
             return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from fedguard.pipeline.base import ClientContext, ClientStep
 from fedguard.privacy.dpfedavg import clip_update
 from fedguard.privacy.dpsgd import gaussian_like
+from fedguard.privacy.noise import Randomness, SecureRandom
 from fedguard.types import Params
 
 
@@ -20,16 +21,42 @@ class LocalGaussian(ClientStep):
 
     name = "local-dp"
 
-    def __init__(self, clip: float, noise_multiplier: float) -> None:
+    def __init__(self, clip: float, noise_multiplier: float, source: Randomness | None = None) -> None:
         self.clip, self.noise_multiplier = clip, noise_multiplier
+        self.source: Randomness = source or SecureRandom()
 
     def apply(self, update: Params, ctx: ClientContext) -> Params:
-        """The clipped, noised update (noise from the client's own seeded generator)."""
+        """The clipped, noised update (noise from the client's own secret source)."""
         clipped, _ = clip_update(update, self.clip)
-        noise = gaussian_like(clipped, self.noise_multiplier * self.clip, ctx.generator)
+        noise = gaussian_like(clipped, self.noise_multiplier * self.clip, ctx.generator, self.source)
         return {k: v + noise[k] for k, v in clipped.items()}
 
     @property
     def ledger_noise_multiplier(self) -> float:
         """The multiplier relative to the replace-one sensitivity ``2 * clip``."""
         return self.noise_multiplier / 2.0
+
+
+class PublicReply(ClientStep):
+    """Nothing un-noised beside a DP client's update: the training metrics stay on the client, and
+    the example count sent is a public value.
+
+    ``count = "registered"`` (sample-level DP) sends the client's registered dataset size, which the
+    server already holds in its registry and checks claims against (DP-SGD treats a client's
+    dataset size as public, as Opacus and TF Privacy do: it sets the sampling rate); ``count =
+    "one"`` (local DP, which protects a client's whole dataset, its size included) sends 1, so the
+    server weights updates uniformly. Under secure aggregation both travel masked or not at all.
+    """
+
+    name = "dp-public-reply"
+
+    def __init__(self, count: str) -> None:
+        if count not in ("registered", "one"):
+            raise ValueError(f"count must be 'registered' or 'one', got {count!r}")
+        self.count = count
+
+    def apply(self, update: Params, ctx: ClientContext) -> Params:
+        """Leave the update; replace the reply's metrics and count by public values."""
+        ctx.reply_meta["metrics"] = {}
+        ctx.reply_meta["num_examples"] = ctx.num_examples if self.count == "registered" else 1
+        return update

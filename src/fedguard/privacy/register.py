@@ -14,7 +14,6 @@ Target-epsilon mode computes the noise multiplier here, before training, for ``r
 from __future__ import annotations
 
 import math
-import warnings
 from collections import Counter
 from dataclasses import replace
 from functools import lru_cache
@@ -30,7 +29,8 @@ from fedguard.privacy.config import DPConfig
 from fedguard.privacy.dpfedavg import AdaptiveClip, ClipUpdate, DistributedNoise, DPFedAvgNoise, update_noise_multiplier
 from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan, DPSGDReport
 from fedguard.privacy.ledger import ClientLevelLedger, LocalLedger, SampleLevelLedger
-from fedguard.privacy.local_dp import LocalGaussian
+from fedguard.privacy.local_dp import LocalGaussian, PublicReply
+from fedguard.privacy.noise import NOT_A_GUARANTEE, Randomness, randomness, secure_uniform
 from fedguard.privacy.per_example import VmapClippedSum, build_clipped_sum, loop_clipped_sum, relative_difference
 from fedguard.privacy.validator import validate_for_dpsgd
 from fedguard.tasks.base import Task
@@ -49,13 +49,45 @@ def resolve_delta(ctx: BuildContext) -> float:
     if dp.delta == 0:
         return default_delta(records)
     if dp.delta >= 1.0 / records:
-        message = (
+        raise ConfigurationError(
             f"dp.delta={dp.delta:g} is not below 1/N = {1.0 / records:.3g} (N = {records} {unit}): a mechanism that "
-            "publishes one random record in full meets such a delta. Use dp.delta=0 for the automatic value."
+            "publishes one random record in full meets such a delta, so the epsilon would mean nothing. Set "
+            f"dp.delta below {1.0 / records:.3g}, or dp.delta=0 for the automatic value."
         )
-        warnings.warn(message, stacklevel=2)
-        ctx.log(f"warning: {message}")
     return dp.delta
+
+
+def noise_source(ctx: BuildContext) -> Randomness:
+    """The configured DP randomness (logging that seeded noise is no guarantee)."""
+    dp = ctx.config.dp
+    if dp.noise_source != "secure":
+        ctx.log(f"warning: dp.noise_source=seeded: every epsilon of this run is {NOT_A_GUARANTEE}")
+    return randomness(dp.noise_source)
+
+
+def check_settings(ctx: BuildContext) -> None:
+    """Refuse, before training, DP settings whose epsilon would not hold (key, reason, fix)."""
+    dp = ctx.config.dp
+    if dp.noise_source == "secure":  # the server samples clients with its own secret coins, not run.seed
+        ctx.sampler.coins = secure_uniform
+    secure = getattr(getattr(ctx.config, "secure", None), "mode", "none")
+    if dp.noise_multiplier <= 0 and dp.target_epsilon <= 0:
+        raise ConfigurationError(
+            f"dp.noise_multiplier={dp.noise_multiplier:g} with dp.mode={dp.mode}: without noise no epsilon holds "
+            "(it is infinite). Set dp.noise_multiplier > 0 or dp.target_epsilon > 0."
+        )
+    if dp.noise_placement == "distributed" and secure != "secagg":
+        raise ConfigurationError(
+            f"dp.noise_placement=distributed with secure.mode={secure}: each client adds only a share of the noise, "
+            "so whoever sees an individual update (or decrypts the sum, under CKKS) sees it almost un-noised. "
+            "Set secure.mode=secagg, or dp.noise_placement=central (client) / local (sample)."
+        )
+    if dp.mode == "client" and dp.noise_placement in ("auto", "central") and secure == "ckks":
+        raise ConfigurationError(
+            "dp.mode=client with central noise and secure.mode=ckks: the key holder decrypts the sum before the "
+            "server adds noise, so it sees the un-noised sum. Use secure.mode=secagg with "
+            "dp.noise_placement=distributed, or secure.mode=none."
+        )
 
 
 def participations(ctx: BuildContext) -> Counter[int]:
@@ -146,11 +178,12 @@ def _sample_trainer_hook(trainer: LocalSGD, ctx: BuildContext) -> LocalSGD:
             f"dp.mode=sample: task {task.name!r} trains with its own loop, so DP-SGD cannot be applied to it; "
             "use dp.mode=client (clip and noise whole updates) instead"
         )
+    check_settings(ctx)
     model = seeded_model(task, ctx.config.run.seed)
     validate_for_dpsgd(model)
     engine = build_clipped_sum(model, task.loss, ctx.config.dp.per_example, ctx.log)
     _check_engine(engine, model, task, ctx)
-    dpsgd = DPSGD(sample_plan(ctx, trainer), engine)
+    dpsgd = DPSGD(sample_plan(ctx, trainer), engine, randomness(ctx.config.dp.noise_source))
     trainer.sampler, trainer.gradient = dpsgd.sample, dpsgd.gradient
     return trainer
 
@@ -171,6 +204,7 @@ def _check_engine(engine: object, model: torch.nn.Module, task: Task, ctx: Build
 
 
 def _sample_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
+    noise_source(ctx)
     plan = sample_plan(ctx)
     sizes, dp = ctx.client_sizes, ctx.config.dp
 
@@ -182,10 +216,7 @@ def _sample_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     if plan.noise_shares > 1:
         shares = plan.noise_shares
         scale = lambda completed: math.sqrt(completed / shares)  # noqa: E731
-        if not _secure_sum(parts, ctx):
-            ctx.log("warning: distributed DP-SGD noise without secure aggregation: the server sees each update "
-                    "with only its small share of the noise; set secure.mode=secagg")
-    parts.client_steps.insert(0, DPSGDReport(plan))
+    parts.client_steps[0:0] = [DPSGDReport(plan), PublicReply("registered")]
     parts.ledger = SampleLevelLedger(resolve_delta(ctx), dp.accountant, budget=dp.budget_epsilon,
                                      sampler=ctx.sampler, planner=planner, noise_scale=scale)
 
@@ -254,34 +285,26 @@ def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     expected = q * ctx.sampler.population
     z = client_noise(ctx)
     adaptive, z_update = _adaptive_clip(ctx, z, expected)
-    clip = ClipUpdate(dp.clip, expected, adaptive)
+    source = noise_source(ctx)
+    clip = ClipUpdate(dp.clip, expected, adaptive, source)
     steps: list[ClientStep] = [clip]
     noise_of_round = lambda completed: z  # noqa: E731
     if dp.noise_placement == "distributed":
         shares = dp.noise_shares or expected
-        steps.append(DistributedNoise(z, shares, dp.clip))
+        steps.append(DistributedNoise(z, shares, dp.clip, source))
         noise_of_round = lambda completed: z * math.sqrt(completed / shares)  # noqa: E731
         z_update = 0.0
-        if not _secure_sum(parts, ctx):
-            ctx.log("warning: distributed DP noise without secure aggregation: the server sees each update with "
-                    "only its small share of the noise; set secure.mode=secagg")
     parts.client_steps[0:0] = steps
-    parts.server_steps.insert(0, DPFedAvgNoise(clip, z_update, expected))
+    parts.server_steps.insert(0, DPFedAvgNoise(clip, z_update, expected, source))
     parts.ledger = ClientLevelLedger(resolve_delta(ctx), dp.accountant, q, noise_of_round, z,
                                      budget=dp.budget_epsilon, sampler=ctx.sampler)
-
-
-def _secure_sum(parts: PipelineParts, ctx: BuildContext) -> bool:
-    """Whether the server will only see the sum of updates (secure aggregation configured)."""
-    secure = getattr(getattr(ctx.config, "secure", None), "mode", "none")
-    return secure != "none" or parts.aggregator.hides_individual_updates
 
 
 def _local_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     dp = ctx.config.dp
     sigma = client_noise(ctx)
-    step = LocalGaussian(dp.clip, sigma)
-    parts.client_steps.insert(0, step)
+    step = LocalGaussian(dp.clip, sigma, noise_source(ctx))
+    parts.client_steps[0:0] = [step, PublicReply("one")]
     parts.ledger = LocalLedger(resolve_delta(ctx), dp.accountant, step.ledger_noise_multiplier,
                                budget=dp.budget_epsilon, sampler=ctx.sampler)
 
@@ -289,12 +312,16 @@ def _local_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
 def _pipeline_hook(parts: PipelineParts, ctx: BuildContext) -> None:
     """Add the configured mechanism's steps and its ledger."""
     mode = ctx.config.dp.mode
+    if mode != "none":
+        check_settings(ctx)
     if mode == "sample":
         _sample_pipeline(parts, ctx)
     elif mode == "client":
         _client_pipeline(parts, ctx)
     elif mode == "local":
         _local_pipeline(parts, ctx)
+    if mode != "none" and hasattr(parts.ledger, "noise_source"):
+        parts.ledger.noise_source = ctx.config.dp.noise_source
 
 
 TRAINER_HOOKS.append(_sample_trainer_hook)

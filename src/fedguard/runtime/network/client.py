@@ -371,9 +371,12 @@ def build_app(opts: ClientOptions, client_id: int, welcome: pb.Welcome) -> Clien
     """The client application for the server's configuration and this client's data."""
     import fedguard.plugins  # noqa: F401  (every family registers its config section)
     from fedguard.config import Config
+    from fedguard.privacy.noise import seeded_noise_problem
     from fedguard.runtime.state_store import DirectoryStateStore, MemoryStateStore
 
     config = Config.from_dict(tomllib.loads(welcome.config_toml))
+    if problem := seeded_noise_problem(config):  # dp: a server cannot make this client's noise predictable
+        raise ClientSetupError(problem)
     if opts.config:
         mine = Config.load(opts.config)
         if _comparable(mine) != _comparable(config):

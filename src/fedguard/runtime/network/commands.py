@@ -28,6 +28,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
     else:
         config = Config.load(args.config, args.overrides)
     try:
+        from fedguard.privacy.noise import refuse_seeded_noise
+
+        refuse_seeded_noise(config)  # dp: reproducible noise is for simulations only (issue 13)
         serve(config, args.out, args.resume, log)
     except (OSError, ValueError) as exc:
         logging.getLogger("fedguard.server").error("%s", exc)

@@ -1,0 +1,167 @@
+"""DP against the adversaries it names (issue 13): noise from secrets, refusals, what leaves a client.
+
+The first test plays finding #1 of the issue: an adversary who knows config.toml regenerates the
+DP noise from run.seed and subtracts it. It succeeds with dp.noise_source=seeded (research only)
+and fails with the secure default.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedguard import Experiment
+from fedguard.cli import main
+from fedguard.core.communicator import client_generator
+from fedguard.core.pipeline import ClientContext, ConfigurationError
+from fedguard.privacy.dpsgd import gaussian_like
+from fedguard.privacy.local_dp import PublicReply
+from fedguard.privacy.noise import (
+    NOT_A_GUARANTEE,
+    SeededRandom,
+    discrete_gaussian,
+    refuse_seeded_noise,
+    secure_bits,
+    secure_normal,
+)
+
+TINY = [
+    "run.progress=false",
+    "run.report=false",
+    "run.workers=1",
+    "data.max_train_examples=120",
+    "run.rounds=1",
+    "train.batch_size=20",
+    "dp.accountant=rdp",
+    "run.eval_every=0",
+]
+SIGMA, CLIP = 5.0, 0.1
+
+
+def _local_dp_run(tmp_path, source: str):
+    overrides = [*TINY, "data.num_clients=2", "dp.mode=local", f"dp.noise_multiplier={SIGMA}", f"dp.clip={CLIP}",
+                 f"dp.noise_source={source}", "run.seed=7"]
+    exp = Experiment(overrides=overrides)
+    setup = exp.assemble()
+    initial = {k: v.detach().clone() for k, v in setup.model.named_parameters()}
+    result = Experiment(overrides=overrides).run(run_dir=tmp_path / source)
+    return setup, initial, result
+
+
+def _regenerated_noise(setup, initial, seed: int, client: int) -> dict[str, torch.Tensor]:
+    """What the adversary recomputes from config.toml: the client's generator, replayed past the one
+    epoch's shuffle that training draws (it knows the client's example count), then the noise."""
+    gen = client_generator(seed, 1, client, "fit")
+    torch.randperm(int(setup.parts.sizes()[client]), generator=gen)
+    like = {k: torch.zeros_like(v) for k, v in initial.items()}
+    return gaussian_like(like, SIGMA * CLIP, gen, SeededRandom())
+
+
+@pytest.mark.parametrize("source", ["seeded", "secure"])
+def test_adversary_with_the_config_subtracts_seeded_noise_but_not_secure_noise(tmp_path, source):
+    setup, initial, result = _local_dp_run(tmp_path, source)
+    step = {k: result.params[k] - initial[k] for k in initial}  # the server's mean of the 2 noised updates
+    noise = [_regenerated_noise(setup, initial, 7, c) for c in (0, 1)]
+    residual = math.sqrt(sum(float((step[k] - (noise[0][k] + noise[1][k]) / 2).pow(2).sum()) for k in step))
+    noise_norm = math.sqrt(sum(float(((noise[0][k] + noise[1][k]) / 2).pow(2).sum()) for k in step))
+    assert noise_norm > 100 * CLIP
+    if source == "seeded":  # the noise-free mean of two clipped updates comes back
+        assert residual <= CLIP * (1 + 1e-4)
+        assert result.final["epsilon_note"] == NOT_A_GUARANTEE
+    else:  # the residual is all noise the adversary cannot predict
+        assert residual > 50 * CLIP
+        assert "epsilon_note" not in result.final
+
+
+def test_secure_draws_differ_and_have_the_right_moments():
+    assert not np.array_equal(secure_bits(4), secure_bits(4))
+    z = secure_normal(200_001)
+    assert z.shape == (200_001,) and abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+
+
+@pytest.mark.parametrize("sigma", [0.7, 3.0, 40.0])
+def test_discrete_gaussian_matches_its_distribution(sigma):
+    """Canonne, Kamath, Steinke 2020: P(x) proportional to exp(-x^2 / (2 sigma^2)) on the integers."""
+    draws = discrete_gaussian(sigma, 200_000)
+    assert draws.dtype == np.int64 and draws.shape == (200_000,)
+    support = np.arange(-int(8 * sigma) - 2, int(8 * sigma) + 3)
+    pmf = np.exp(-support.astype(float) ** 2 / (2 * sigma**2))
+    pmf /= pmf.sum()
+    assert abs(draws.mean()) < 4 * math.sqrt((pmf * support**2).sum() / 200_000)
+    assert draws.var() == pytest.approx((pmf * support**2).sum(), rel=0.02)
+    counts = np.array([(draws == x).sum() for x in support])
+    expected = pmf * draws.size
+    big = expected > 20
+    chi2 = float((((counts - expected) ** 2) / expected)[big].sum())
+    assert chi2 < big.sum() + 6 * math.sqrt(2 * big.sum())  # far below any real mismatch
+
+
+def test_network_runtime_refuses_seeded_noise():
+    class Cfg:
+        class dp:  # noqa: N801
+            mode, noise_source = "sample", "seeded"
+
+    with pytest.raises(ConfigurationError, match="dp.noise_source=seeded.*secure"):
+        refuse_seeded_noise(Cfg())
+    Cfg.dp.noise_source = "secure"
+    refuse_seeded_noise(Cfg())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["dp.mode=sample", "dp.noise_multiplier=0"], "dp.noise_multiplier=0 "),
+        (["dp.mode=client", "server.weighting=uniform", "dp.noise_multiplier=0", "dp.adaptive_clip=true"],
+         "dp.noise_multiplier=0 "),
+        (["dp.mode=sample", "dp.delta=1.0"], "dp.delta=1 is not below 1/N"),
+        (["dp.mode=client", "server.weighting=uniform", "dp.noise_placement=distributed"],
+         "dp.noise_placement=distributed with secure.mode=none"),
+        (["dp.mode=client", "server.weighting=uniform", "dp.noise_placement=distributed", "secure.mode=ckks"],
+         "dp.noise_placement=distributed with secure.mode=ckks"),
+        (["dp.mode=client", "server.weighting=uniform", "secure.mode=ckks"], "the key holder decrypts"),
+    ],
+)
+def test_unsound_settings_are_refused_from_the_cli_before_training(tmp_path, capsys, overrides, message):
+    args = ["run", "--out", str(tmp_path / "out"), "--quiet"]
+    for item in [*TINY, "data.num_clients=4", *overrides]:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("metrics.jsonl"))
+
+
+def _ctx() -> ClientContext:
+    return ClientContext(3, 1, 57, torch.Generator(), {}, {})
+
+
+def test_public_reply_withholds_the_loss_and_sends_public_counts():
+    ctx = _ctx()
+    PublicReply("registered").apply({}, ctx)
+    assert ctx.reply_meta == {"metrics": {}, "num_examples": 57}
+    ctx = _ctx()
+    PublicReply("one").apply({}, ctx)
+    assert ctx.reply_meta == {"metrics": {}, "num_examples": 1}
+
+
+@pytest.mark.parametrize("mode", ["sample", "local"])
+def test_nothing_unnoised_leaves_a_dp_client(tmp_path, monkeypatch, mode):
+    """Every fit reply of a sample- or local-DP run carries no loss and only a public count."""
+    from fedguard.runtime.simulation import SerialCommunicator
+
+    seen: list[dict] = []
+    original = SerialCommunicator.exchange
+
+    def spy(self, messages):
+        out = original(self, messages)
+        seen.extend(m.meta for m in out.replies.values() if m.kind == "fit_result")
+        return out
+
+    monkeypatch.setattr(SerialCommunicator, "exchange", spy)
+    Experiment(overrides=[*TINY, "data.num_clients=3", f"dp.mode={mode}"]).run(run_dir=tmp_path / mode)
+    assert len(seen) == 3 and all(meta["metrics"] == {} for meta in seen)
+    counts = [meta["num_examples"] for meta in seen]
+    assert sum(counts) == 120 if mode == "sample" else counts == [1, 1, 1]  # registered sizes, or 1
