@@ -75,6 +75,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_audit(sub: argparse._SubParsersAction) -> None:
+    """``fedguard audit``: the privacy red team (issue 17)."""
+    from fedguard.audit.commands import add_audit_commands
+
+    add_audit_commands(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedguard`` command."""
     parser = argparse.ArgumentParser(prog="fedguard", description="Privacy-preserving federated learning.")
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fedguard.runtime.network.commands import add_network_commands
 
     add_network_commands(sub)
+    _add_audit(sub)
     return parser
 
 
