@@ -103,7 +103,8 @@ def test_batch_labels_from_the_bias(setup):
 
 def test_cli_audit_inversion(tmp_path, capsys):
     out = tmp_path / "audit"
-    args = ["audit", "inversion", "--images", "1", "--iterations", "2", "--dlg-iterations", "20", "--restarts", "1", "--out", str(out)]
+    args = ["audit", "inversion", "--images", "1", "--iterations", "2", "--dlg-iterations", "20", "--restarts", "1",
+            "--out", str(out)]
     for item in SMALL:
         args += ["--set", item]
     assert main(args) == 0
