@@ -15,6 +15,7 @@ import torch
 
 from fedguard.algorithms.fedavg import FedAvg
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
+from fedguard.algorithms.registry import build_algorithm
 from fedguard.algorithms.sampling import ClientSampler
 from fedguard.algorithms.server_optimizers import build_server_optimizer
 from fedguard.config import Config
@@ -107,7 +108,9 @@ def build_pipeline(ctx: BuildContext) -> UpdatePipeline:
         client_steps=parts.client_steps,
         server_steps=parts.server_steps,
         ledger=parts.ledger,
+        algorithm=build_algorithm(ctx.config),
     )
+    pipeline.algorithm.check(ctx.task)
     pipeline.validate()
     return pipeline
 

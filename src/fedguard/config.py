@@ -129,6 +129,20 @@ class ServerConfig:
     tau: float = option(1e-3, "Adaptivity tau (v starts at tau^2).", min=1e-12)
 
 
+#: the federated algorithms (each built by fedguard.algorithms.registry)
+ALGORITHMS = ["fedavg", "fedprox", "scaffold", "feddyn", "ditto", "fedper"]
+
+
+@dataclass
+class AlgorithmConfig:
+    """[algorithm] the federated algorithm: what clients compute and send, and how the server applies it."""
+
+    name: str = option("fedavg", "Federated algorithm: fedavg, fedprox (FedAvg with train.prox_mu > 0, Li et al. 2020), scaffold (control variates, Karimireddy et al. 2020), feddyn (dynamic regularisation, Acar et al. 2021), ditto (personal models, Li et al. 2021), fedper (local heads, Arivazhagan et al. 2019).", choices=ALGORITHMS)
+    feddyn_alpha: float = option(0.01, "FedDyn's alpha: weight of the dynamic regulariser.", min=0.0)
+    ditto_lambda: float = option(0.1, "Ditto's lambda: how strongly each personal model is pulled towards the global one.", min=0.0)
+    fedper_head: int = option(2, "FedPer: how many of the model's last parameter tensors form each client's own head (2: the last layer's weight and bias).", min=1)
+
+
 @dataclass
 class FaultsConfig:
     """[faults] simulated failures and client availability."""
@@ -145,6 +159,7 @@ SECTIONS: dict[str, type] = {
     "task": TaskConfig,
     "train": TrainConfig,
     "server": ServerConfig,
+    "algorithm": AlgorithmConfig,
     "faults": FaultsConfig,
 }
 

@@ -1,8 +1,11 @@
 """The federated server loop, the same for every runtime.
 
-Each round: sample clients, broadcast the global model (plus what the pipeline's steps
-need), let the aggregator collect and combine the updates through the communicator, apply
-server steps and the server optimiser, account for privacy, and evaluate every k rounds.
+Each round: sample clients, broadcast what the algorithm sends (plus what the pipeline's
+steps need), let the aggregator collect and combine the clients' payloads through the
+communicator, apply server steps, let the algorithm turn the aggregate into the new model
+(with the server optimiser), account for privacy, and evaluate every k rounds. What is
+computed and sent is the algorithm's (:mod:`fedguard.core.algorithm`); this module only
+orchestrates.
 """
 
 from __future__ import annotations
@@ -90,6 +93,9 @@ class Server:
         #: what the held-out data of the per-round evaluation is called in the metrics (test or val)
         self.eval_prefix = eval_prefix
         self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
+        #: the federated algorithm and its server state besides the model
+        self.algorithm = pipeline.algorithm
+        self.algorithm_state: Params = self.algorithm.server_init(self.params)
         self.round = 0
 
     def _released(self, result: AggregateResult) -> bool:
@@ -101,10 +107,12 @@ class Server:
 
     def broadcast(self, round: int, clients: list[int]) -> dict[int, Message]:
         """The fit instruction for each sampled client."""
+        tensors, algorithm_meta = self.algorithm.broadcast(self.params, self.algorithm_state, round)
         meta: dict[str, Any] = dict(self.fit_config(round)) if self.fit_config else {}
+        meta.update(algorithm_meta)
         for step in self.pipeline.client_steps:
             step.configure(round, meta)
-        return {cid: Message("fit", round, cid, dict(meta), self.params) for cid in clients}
+        return {cid: Message("fit", round, cid, dict(meta), tensors) for cid in clients}
 
     def run_round(self, round: int, evaluate: bool) -> RoundRecord:
         """Run one round; the model changes only if enough clients completed it."""
@@ -119,7 +127,8 @@ class Server:
             client_generator(self.seed, round, -1, "server"),
             self.log,
         )
-        result = self.pipeline.aggregator.aggregate(self.comm, round, self.broadcast(round, sampled), self.params, ctx)
+        like = self.algorithm.payload_like(self.params)
+        result = self.pipeline.aggregator.aggregate(self.comm, round, self.broadcast(round, sampled), like, ctx)
         ctx.completed = result.completed
         aborted = result.aborted
         if aborted is None and len(result.completed) < self.min_clients:
@@ -130,7 +139,9 @@ class Server:
             delta = result.delta
             for server_step in self.pipeline.server_steps:
                 delta = server_step.apply(delta, ctx)
-            self.params = self.pipeline.server_optimizer.step(self.params, delta)
+            self.params, self.algorithm_state = self.algorithm.server_apply(
+                self.params, self.algorithm_state, delta, self.pipeline.server_optimizer, ctx
+            )
             self.pipeline.ledger.record_round(ctx, result.replies)
         else:
             self.log(f"round {round} aborted, global model unchanged: {aborted}")
@@ -199,6 +210,7 @@ class Server:
         return {
             "round": self.round,
             "params": self.params,
+            "algorithm": self.algorithm_state,
             "server_optimizer": self.pipeline.server_optimizer.state_dict(),
             "client_steps": [s.state_dict() for s in self.pipeline.client_steps],
             "server_steps": [s.state_dict() for s in self.pipeline.server_steps],
@@ -209,6 +221,8 @@ class Server:
         """Restore :meth:`state_dict`."""
         self.round = int(state["round"])
         self.params = {k: v.clone() for k, v in state["params"].items()}
+        if "algorithm" in state:  # checkpoints from before the algorithm contract have none
+            self.algorithm_state = {k: v.clone() for k, v in state["algorithm"].items()}
         self.pipeline.server_optimizer.load_state_dict(state["server_optimizer"])
         for step, s in zip(self.pipeline.client_steps, state["client_steps"], strict=True):
             step.load_state_dict(s)

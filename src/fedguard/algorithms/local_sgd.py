@@ -3,7 +3,9 @@
 The loop is written once. Two parts are pluggable so that privacy mechanisms reuse it:
 the *batch sampler* (shuffled epochs, or Poisson sampling for DP-SGD) and the *gradient
 estimator* (the mean-loss gradient, or clipped and noised per-example gradients).
-FedProx is the proximal term ``mu/2 ||w - w_global||^2``, applied through its gradient.
+FedProx is the proximal term ``mu/2 ||w - w_global||^2``, applied through its gradient;
+``correction`` is a constant vector added to every local gradient (SCAFFOLD's ``c - c_i``,
+FedDyn's linear term), set by the algorithm for one round.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class LocalSGD:
     gradient: GradientEstimator = mean_loss_gradient
     #: this round's factor on the learning rate (the server's schedule); ``lr`` stays the base
     lr_scale: float = 1.0
+    #: a constant added to every gradient (by parameter name), set by the algorithm; None: nothing
+    correction: Params | None = None
 
     def scaled(self, lr_scale: float) -> LocalSGD:
         """This optimiser with the round's learning-rate factor (the base ``lr`` unchanged)."""
@@ -129,4 +133,17 @@ class LocalSGD:
         if self.prox_mu:
             diff = torch._foreach_sub(tensors, list(start.values()))
             grads = torch._foreach_add(grads, diff, alpha=self.prox_mu)
+        if self.correction is not None:
+            grads = torch._foreach_add(grads, [self.correction[k] for k in start])
         return list(grads)
+
+
+def corrected(trainer: object, correction: Params, what: str, **changes: float) -> LocalSGD:
+    """``trainer`` with a gradient ``correction`` (and other field ``changes``) for one round.
+
+    ``what`` names the algorithm in the error raised for a trainer without the slot (a task's own loop).
+    """
+    if not isinstance(trainer, LocalSGD):
+        raise TypeError(f"{what} adds a correction to every local gradient, which needs the engine's LocalSGD "
+                        f"trainer; got {type(trainer).__name__}")
+    return replace(trainer, correction=correction, **changes)

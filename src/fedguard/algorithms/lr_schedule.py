@@ -50,3 +50,14 @@ def read_lr_scale(instructions: dict[str, Any]) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"fit instruction lr_scale must be a finite positive number, got {value!r}")
     return float(value)
+
+
+def scaled_trainer(trainer: Any, instructions: dict[str, Any]) -> Any:
+    """``trainer`` at the learning-rate factor of a fit message (the trainer itself at factor 1)."""
+    scale = read_lr_scale(instructions)
+    if scale == 1.0:
+        return trainer
+    if not hasattr(trainer, "scaled"):
+        raise ValueError(f"train.lr_schedule: the trainer {type(trainer).__name__} has no scaled(lr_scale); "
+                         "give it one or use lr_schedule = 'constant'")
+    return trainer.scaled(scale)

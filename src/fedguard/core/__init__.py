@@ -5,7 +5,9 @@
 * :mod:`~fedguard.core.communicator`: ``Communicator.exchange`` and what runtimes share;
 * :mod:`~fedguard.core.state`: a client's persistent state and where it is kept;
 * :mod:`~fedguard.core.pipeline`: the update pipeline (client steps, aggregator, server steps,
-  server optimiser, privacy ledger) and ``ConfigurationError``.
+  server optimiser, privacy ledger) and ``ConfigurationError``;
+* :mod:`~fedguard.core.algorithm`: the federated algorithm (``server_init``, ``broadcast``,
+  ``client_update``, ``server_apply``), the trainer protocol and ``LocalTraining``.
 
 Runtimes, tasks and mechanism families import from here; nothing here imports them.
 """

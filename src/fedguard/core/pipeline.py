@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fedguard.core.algorithm import Algorithm, ModelDelta
 from fedguard.core.communicator import Communicator
 from fedguard.core.messages import Message
 from fedguard.core.types import Params
@@ -188,16 +189,28 @@ class PrivacyLedger:
 
 @dataclass
 class UpdatePipeline:
-    """Client steps, one aggregator, server steps, a server optimiser and a ledger."""
+    """The federated algorithm, client steps, one aggregator, server steps, a server optimiser and a ledger.
+
+    The algorithm (:mod:`fedguard.core.algorithm`) decides what a client computes and sends and
+    how the server applies the aggregate; the steps in between see one named-tensor payload.
+    """
 
     aggregator: Aggregator
     server_optimizer: ServerOptimizer
     client_steps: list[ClientStep] = field(default_factory=list)
     server_steps: list[ServerStep] = field(default_factory=list)
     ledger: PrivacyLedger = field(default_factory=PrivacyLedger)
+    algorithm: Algorithm = field(default_factory=ModelDelta)
 
     def validate(self) -> None:
         """Refuse combinations that cannot work, saying why and what to use instead."""
+        if self.ledger.name != "none" and self.algorithm.sends_extra() and self.algorithm.extra_accounting() is None:
+            raise ConfigurationError(
+                f"algorithm {self.algorithm.name!r} sends tensors beyond the model update (its "
+                f"'{self.algorithm.name}/...' payload parts), and differential privacy ({self.ledger.name}) would clip "
+                "and account for the model update only. Use an algorithm whose payload is the model update "
+                "(fedavg, fedprox, feddyn, ditto, fedper), or drop the dp section."
+            )
         hiders = [s.name for s in self.client_steps if s.hides_individual_updates]
         if self.aggregator.hides_individual_updates:
             hiders.append(self.aggregator.name)
@@ -220,6 +233,7 @@ class UpdatePipeline:
     def describe(self) -> dict[str, Any]:
         """Names of the steps, in order, for the run record."""
         return {
+            "algorithm": self.algorithm.name,
             "client_steps": [s.name for s in self.client_steps],
             "aggregator": self.aggregator.name,
             "server_steps": [s.name for s in self.server_steps],

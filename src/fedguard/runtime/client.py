@@ -8,11 +8,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedguard.algorithms.lr_schedule import read_lr_scale
+from fedguard.algorithms.lr_schedule import scaled_trainer
+from fedguard.core.algorithm import LocalTraining
 from fedguard.core.communicator import client_generator
 from fedguard.core.messages import Message
 from fedguard.core.pipeline import ClientContext, UpdatePipeline
 from fedguard.core.state import StateStore
+from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
 from fedguard.device import model_on, params_to
 from fedguard.runtime.state_store import MemoryStateStore
@@ -26,7 +28,7 @@ class UnknownMessage(ValueError):
 
 
 class ClientApp:
-    """One party: trains on its local data and runs the client side of the pipeline.
+    """One party: runs the algorithm's client side on its local data, then the pipeline's client steps.
 
     The same object serves the simulation (inside a worker process) and a real client
     process; it only ever sees messages addressed to it. It trains and evaluates on
@@ -52,6 +54,8 @@ class ClientApp:
         self.trainer, self.pipeline, self.seed = trainer, pipeline, seed
         self.store = store or MemoryStateStore()
         self.test_data = test_data
+        #: the federated algorithm: what this client computes from the server's broadcast
+        self.algorithm = pipeline.algorithm
         self.handlers: dict[str, Handler] = {
             "fit": self._fit,
             "evaluate": self._evaluate,
@@ -80,30 +84,32 @@ class ClientApp:
             state=self.store.load(self.client_id),
         )
 
-    def _fit(self, msg: Message, ctx: ClientContext) -> Message:
-        global_params = params_to({k: v.float() for k, v in msg.tensors.items()}, self.device)
-        trainer = self.trainer
-        scale = read_lr_scale(ctx.instructions)
-        if scale != 1.0:
-            if not hasattr(trainer, "scaled"):
-                raise ValueError(f"train.lr_schedule: the trainer {type(trainer).__name__} has no scaled(lr_scale); "
-                                 "give it one or use lr_schedule = 'constant'")
-            trainer = trainer.scaled(scale)
+    def _local(self, instructions: dict[str, Any]) -> LocalTraining:
+        """This client's task, model, data and trainer (at the round's learning rate), on its device."""
         model, data = model_on(self.model, self.device), self.data.to(self.device)
-        trained, metrics = self.task.local_train(model, global_params, data, trainer, ctx.generator)
-        with torch.no_grad():  # the update leaves the device here: client steps and the wire work on the CPU
-            update = {k: (trained[k] - global_params[k]).cpu() for k in global_params}
+        return LocalTraining(self.task, model, data, scaled_trainer(self.trainer, instructions), self.device)
+
+    def _received(self, msg: Message) -> Params:
+        """The message's tensors as float on this client's device."""
+        return params_to({k: v.float() for k, v in msg.tensors.items()}, self.device)
+
+    def _fit(self, msg: Message, ctx: ClientContext) -> Message:
+        """The algorithm's local round, then the pipeline's client steps and the aggregator's encoding."""
+        result = self.algorithm.client_update(self._received(msg), ctx, self._local(ctx.instructions))
+        ctx.state.update(result.state)
+        update = result.payload
         for step in self.pipeline.client_steps:
             update = step.apply(update, ctx)
         payload, meta = self.pipeline.aggregator.client_finalize(update, ctx)
-        reply_meta = {"num_examples": len(self.data), "metrics": metrics, **ctx.reply_meta, **meta}
+        reply_meta = {"num_examples": len(self.data), "metrics": result.metrics, **ctx.reply_meta, **meta}
         return Message("fit_result", msg.round, self.client_id, reply_meta, payload)
 
     def _evaluate(self, msg: Message, ctx: ClientContext) -> Message:
-        """Metrics of the received global model on this client's local test split."""
+        """Metrics of the received global model (and, for personalised algorithms, this client's own
+        model) on this client's local test split."""
         if self.test_data is None or len(self.test_data) == 0:
             return Message("evaluate_result", msg.round, self.client_id, {"num_examples": 0, "metrics": {}})
-        params = params_to({k: v.float() for k, v in msg.tensors.items()}, self.device)
-        metrics = self.task.evaluate(model_on(self.model, self.device), params, self.test_data.to(self.device))
+        local = LocalTraining(self.task, model_on(self.model, self.device), self.data, self.trainer, self.device)
+        metrics = self.algorithm.client_evaluate(self._received(msg), ctx, local, self.test_data)
         meta = {"num_examples": len(self.test_data), "metrics": metrics}
         return Message("evaluate_result", msg.round, self.client_id, meta)
