@@ -12,9 +12,10 @@ from torch import nn
 
 from fedguard import Experiment
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
+from fedguard.algorithms.scaffold import Scaffold
 from fedguard.algorithms.server_optimizers import FedAvgServer
-from fedguard.core.algorithm import LocalTraining, ModelDelta
-from fedguard.core.pipeline import ClientContext, ConfigurationError, PrivacyLedger, UpdatePipeline
+from fedguard.core.algorithm import LocalTraining, ModelDelta, prefixed
+from fedguard.core.pipeline import ClientContext, ConfigurationError, PrivacyLedger, ServerContext, UpdatePipeline
 from fedguard.data.arrays import ArrayDataset
 from fedguard.tasks.base import Task
 
@@ -95,3 +96,74 @@ def test_fedprox_name_needs_its_mu():
         Experiment(overrides=["algorithm.name=fedprox", "run.progress=false"]).assemble()
     setup = Experiment(overrides=["algorithm.name=fedprox", "train.prox_mu=0.1", "run.progress=false"]).assemble()
     assert setup.pipeline.algorithm.name == "fedprox" and setup.pipeline.algorithm.mu == 0.1
+
+
+def test_scaffold_client_follows_option_ii():
+    x, c, ci = params(0.5), params(0.2), params(-0.1)
+    received = {**x, **prefixed("scaffold/c", c)}
+    result = Scaffold().client_update(received, context(prefixed("scaffold/ci", ci)), local())
+    for k in x:
+        y = sgd(x[k], lambda v, k=k: (v - 1.0) + c[k] - ci[k])  # g_i(y) - c_i + c
+        ci_new = ci[k] - c[k] + (x[k] - y) / (STEPS * LR)
+        torch.testing.assert_close(result.payload[k], y - x[k])
+        torch.testing.assert_close(result.payload[f"scaffold/dc/{k}"], ci_new - ci[k])
+        torch.testing.assert_close(result.state[f"scaffold/ci/{k}"], ci_new)
+
+
+def test_scaffold_server_moves_c_by_the_sampled_share():
+    algo = Scaffold()
+    x = params(1.0)
+    state = algo.server_init(x)
+    aggregate = {**params(0.3), **prefixed("scaffold/dc", params(0.4))}
+    ctx = ServerContext(1, [0, 1], [0, 1], 8, torch.Generator())
+    new_x, new_state = algo.server_apply(x, state, aggregate, FedAvgServer(1.0), ctx)
+    torch.testing.assert_close(new_x["w"], torch.full((3,), 1.3))
+    torch.testing.assert_close(new_state["scaffold/c/w"], torch.full((3,), 0.4 * 2 / 8))
+
+
+TINY = ["run.progress=false", "run.report=false", "run.rounds=3", "run.threads=1", "data.num_clients=4",
+        "data.max_train_examples=400", "train.max_steps=3", "run.eval_every=0"]
+
+
+@pytest.mark.parametrize("name", ["scaffold"])
+def test_stateful_algorithms_run_end_to_end_with_workers(tmp_path, name):
+    """Client state survives between rounds in the worker processes' shared state folder."""
+    result = Experiment(overrides=[*TINY, f"algorithm.name={name}", "run.workers=2"]).run(run_dir=tmp_path / name)
+    assert len(result.rows) == 3 and all(not r["aborted"] for r in result.rows)
+    serial = Experiment(overrides=[*TINY, f"algorithm.name={name}", "run.workers=1"]).run(run_dir=tmp_path / "s")
+    assert all(torch.equal(result.params[k], serial.params[k]) for k in result.params)
+
+
+def test_scaffold_with_dp_is_refused_at_configuration():
+    over = ["algorithm.name=scaffold", "dp.mode=client", "server.weighting=uniform", "run.progress=false"]
+    with pytest.raises(ConfigurationError, match="beyond the model update"):
+        Experiment(overrides=over).assemble()
+
+
+@pytest.mark.timeout(480)
+def test_scaffold_over_the_network_equals_the_simulation(tmp_path):
+    """Each network client keeps its control variate in its own state folder across rounds; the
+    model comes out bit for bit as the simulation's."""
+    from safetensors.torch import load_file
+
+    from fedguard.runtime.network.harness import LocalDeployment, metric_rows, simulate
+
+    config = {
+        "run": {"name": "net", "rounds": 3, "seed": 1, "report": False, "progress": False, "workers": "2"},
+        "data": {"num_clients": 2, "max_train_examples": 300},
+        "train": {"max_steps": 3},
+        "algorithm": {"name": "scaffold"},
+    }
+    dep = LocalDeployment(tmp_path / "net", clients=2, config=config)
+    server = dep.start_server(tmp_path / "run")
+    try:
+        server.wait_for("listening on", 60)
+        clients = [dep.start_client(c) for c in range(2)]
+        assert server.wait(300) == 0, "\n".join(server.lines[-20:])
+        assert [c.wait(60) for c in clients] == [0, 0]
+    finally:
+        dep.stop_all()
+    sim = simulate(config, tmp_path / "sim")
+    assert metric_rows(tmp_path / "run") == metric_rows(sim.run_dir)
+    net, ref = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(sim.run_dir / "model.safetensors"))
+    assert all(torch.equal(net[k], ref[k]) for k in ref)

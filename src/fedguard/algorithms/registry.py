@@ -17,6 +17,7 @@ from fedguard.core.pipeline import ConfigurationError
 ALGORITHM_BUILDERS: dict[str, str] = {
     "fedavg": "fedguard.algorithms.fedprox:build",
     "fedprox": "fedguard.algorithms.fedprox:build",
+    "scaffold": "fedguard.algorithms.scaffold:build",
 }
 
 

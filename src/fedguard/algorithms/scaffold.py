@@ -1,0 +1,103 @@
+"""SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning").
+
+Control variates correct each client's drift. The server keeps ``c``; each client keeps its own
+``c_i`` between rounds, in its state store (never on the server; zero at first). Algorithm 1,
+with option II for the client's new control variate:
+
+* server -> client: ``x`` and ``c``;
+* client: ``y = x``; K local steps ``y <- y - eta_l (g_i(y) + c - c_i)``;
+  ``c_i+ = c_i - c + (x - y) / (K eta_l)``; sends ``dy = y - x`` and ``dc = c_i+ - c_i``;
+* server: ``x <- x + eta_g mean(dy)`` (the pipeline's server optimiser, ``server.lr`` = eta_g);
+  ``c <- c + |S| / N * mean(dc)`` over the clients S that completed, N the population.
+
+With local momentum beta (``train.momentum``) a step moves about ``eta_l / (1 - beta)`` per
+gradient, so option II divides by ``K eta_l / (1 - beta)``: exact for plain SGD (beta = 0), the
+same estimate of the mean local gradient otherwise. The mean is the aggregator's
+(``server.weighting``; the paper's is uniform).
+
+``dc`` travels in the payload as ``scaffold/dc/NAME``, through the same client steps and the
+same (possibly secure) aggregator as the model update. Differential privacy clips and accounts
+for the model update only, so SCAFFOLD with a ``[dp]`` mode is refused at configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedguard.algorithms.local_sgd import corrected
+from fedguard.core.algorithm import ClientResult, LocalTraining, ModelDelta, model_part, prefixed, unprefixed
+from fedguard.core.pipeline import ConfigurationError
+from fedguard.core.types import Params
+
+NAME = "scaffold"
+#: server control variate ``c`` in the broadcast and the server state
+C = f"{NAME}/c"
+#: the client's ``c_i`` in its state
+CI = f"{NAME}/ci"
+#: the client's ``c_i+ - c_i`` in the payload
+DC = f"{NAME}/dc"
+
+
+class Scaffold(ModelDelta):
+    """SCAFFOLD with option II control variates; see the module docstring."""
+
+    name = NAME
+
+    def check(self, task: Any) -> None:
+        from fedguard.tasks.base import Task
+
+        if type(task).local_train is not Task.local_train:
+            raise ConfigurationError(f"algorithm.name = 'scaffold' corrects every local SGD gradient, but task "
+                                     f"{getattr(task, 'name', task)!r} trains with its own loop; use fedavg or fedprox")
+
+    def sends_extra(self) -> bool:
+        return True
+
+    def server_init(self, params: Params) -> Params:
+        return prefixed(C, {k: torch.zeros_like(v) for k, v in params.items()})
+
+    def broadcast(self, params: Params, state: Params, round: int) -> tuple[Params, dict[str, Any]]:
+        return {**params, **state}, {}
+
+    def payload_like(self, params: Params) -> Params:
+        return {**params, **prefixed(DC, params)}
+
+    def server_apply(
+        self, params: Params, state: Params, aggregate: Params, optimizer: Any, ctx: Any
+    ) -> tuple[Params, Params]:
+        new_params = optimizer.step(params, model_part(aggregate))
+        share = len(ctx.completed) / ctx.population
+        dc = unprefixed(DC, aggregate)
+        c = unprefixed(C, state)
+        return new_params, prefixed(C, {k: c[k] + share * dc[k] for k in c})
+
+    def client_update(self, received: Params, ctx: Any, local: LocalTraining) -> ClientResult:
+        x = model_part(received)
+        c = unprefixed(C, received)
+        ci = {k: v.to(local.device) for k, v in unprefixed(CI, ctx.state).items()} or {
+            k: torch.zeros_like(v) for k, v in x.items()
+        }
+        trainer = corrected(local.trainer, {k: c[k] - ci[k] for k in x}, "SCAFFOLD")
+        y, metrics = local.train(x, ctx.generator, trainer)
+        steps = metrics.get("steps", 0.0)
+        with torch.no_grad():
+            dy = {k: y[k] - x[k] for k in x}
+            if steps > 0:
+                # option II: c_i+ = c_i - c + (x - y) / (K eta_l), eta_l the effective step (see the module docstring)
+                scale = (1.0 - trainer.momentum) / (steps * trainer.lr * trainer.lr_scale)
+                ci_new = {k: ci[k] - c[k] - dy[k] * scale for k in x}
+            else:
+                ci_new = dict(ci)
+            dc = {k: (ci_new[k] - ci[k]).cpu() for k in x}
+            payload = {**{k: v.cpu() for k, v in dy.items()}, **prefixed(DC, dc)}
+        return ClientResult(payload, metrics, prefixed(CI, {k: v.cpu() for k, v in ci_new.items()}))
+
+    def describe(self) -> dict[str, Any]:
+        return {"algorithm": self.name}
+
+
+def build(config: Any) -> Scaffold:
+    """SCAFFOLD (no settings of its own: eta_g is ``server.lr``, eta_l ``train.lr``)."""
+    return Scaffold()
