@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedguard import Experiment
+from fedguard.algorithms.feddyn import FedDyn
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
 from fedguard.algorithms.scaffold import Scaffold
 from fedguard.algorithms.server_optimizers import FedAvgServer
@@ -81,6 +82,7 @@ def test_dp_over_extra_payload_parts_is_refused():
         UpdatePipeline(FedAvg(), FedAvgServer(), ledger=_DP(), algorithm=_SendsMore()).validate()
     UpdatePipeline(FedAvg(), FedAvgServer(), ledger=_DP(), algorithm=ModelDelta()).validate()  # model update only
     UpdatePipeline(FedAvg(), FedAvgServer(), algorithm=_SendsMore()).validate()  # no DP: nothing to account
+    UpdatePipeline(FedAvg(), FedAvgServer(), ledger=_DP(), algorithm=FedDyn()).validate()  # FedDyn: update only
 
 
 def test_model_delta_sends_trained_minus_global():
@@ -121,11 +123,29 @@ def test_scaffold_server_moves_c_by_the_sampled_share():
     torch.testing.assert_close(new_state["scaffold/c/w"], torch.full((3,), 0.4 * 2 / 8))
 
 
+def test_feddyn_client_and_server_follow_algorithm_1():
+    alpha, theta, g = 0.5, params(0.2), params(0.3)
+    algo = FedDyn(alpha)
+    result = algo.client_update(theta, context(prefixed("feddyn/g", g)), local())
+    for k in theta:
+        y = sgd(theta[k], lambda v, k=k: (v - 1.0) - g[k] + alpha * (v - theta[k]))
+        torch.testing.assert_close(result.payload[k], y - theta[k])
+        torch.testing.assert_close(result.state[f"feddyn/g/{k}"], g[k] - alpha * (y - theta[k]))
+    # server: h = h - alpha/m sum_k dtheta_k ; theta = mean theta_k - h / alpha
+    state = algo.server_init(theta)
+    mean = params(0.1)
+    ctx = ServerContext(1, [0, 1], [0, 1], 4, torch.Generator())
+    new_theta, new_state = algo.server_apply(theta, state, mean, FedAvgServer(1.0), ctx)
+    h = -alpha * (2 / 4) * 0.1
+    torch.testing.assert_close(new_state["feddyn/h/w"], torch.full((3,), h))
+    torch.testing.assert_close(new_theta["w"], torch.full((3,), 0.2 + 0.1 - h / alpha))
+
+
 TINY = ["run.progress=false", "run.report=false", "run.rounds=3", "run.threads=1", "data.num_clients=4",
         "data.max_train_examples=400", "train.max_steps=3", "run.eval_every=0"]
 
 
-@pytest.mark.parametrize("name", ["scaffold"])
+@pytest.mark.parametrize("name", ["scaffold", "feddyn"])
 def test_stateful_algorithms_run_end_to_end_with_workers(tmp_path, name):
     """Client state survives between rounds in the worker processes' shared state folder."""
     result = Experiment(overrides=[*TINY, f"algorithm.name={name}", "run.workers=2"]).run(run_dir=tmp_path / name)

@@ -18,6 +18,7 @@ ALGORITHM_BUILDERS: dict[str, str] = {
     "fedavg": "fedguard.algorithms.fedprox:build",
     "fedprox": "fedguard.algorithms.fedprox:build",
     "scaffold": "fedguard.algorithms.scaffold:build",
+    "feddyn": "fedguard.algorithms.feddyn:build",
 }
 
 
