@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedguard import Experiment
+from fedguard.algorithms.ditto import Ditto
 from fedguard.algorithms.feddyn import FedDyn
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
 from fedguard.algorithms.scaffold import Scaffold
@@ -141,6 +142,15 @@ def test_feddyn_client_and_server_follow_algorithm_1():
     torch.testing.assert_close(new_theta["w"], torch.full((3,), 0.2 + 0.1 - h / alpha))
 
 
+def test_ditto_personal_model_is_pulled_towards_the_global_one():
+    lam, w, v = 0.5, params(0.0), params(2.0)
+    result = Ditto(lam).client_update(w, context(prefixed("ditto/v", v)), local())
+    for k in w:
+        torch.testing.assert_close(result.payload[k], sgd(w[k], lambda u: u - 1.0) - w[k])  # FedAvg's update
+        expected = sgd(v[k], lambda u, k=k: (u - 1.0) + lam * (u - w[k]))
+        torch.testing.assert_close(result.state[f"ditto/v/{k}"], expected)
+
+
 TINY = ["run.progress=false", "run.report=false", "run.rounds=3", "run.threads=1", "data.num_clients=4",
         "data.max_train_examples=400", "train.max_steps=3", "run.eval_every=0"]
 
@@ -152,6 +162,15 @@ def test_stateful_algorithms_run_end_to_end_with_workers(tmp_path, name):
     assert len(result.rows) == 3 and all(not r["aborted"] for r in result.rows)
     serial = Experiment(overrides=[*TINY, f"algorithm.name={name}", "run.workers=1"]).run(run_dir=tmp_path / "s")
     assert all(torch.equal(result.params[k], serial.params[k]) for k in result.params)
+
+
+@pytest.mark.parametrize("name", ["ditto"])
+def test_personalised_algorithms_report_both_accuracies(tmp_path, name):
+    over = [*TINY, f"algorithm.name={name}", "run.workers=1", "data.client_test_fraction=0.2", "run.eval_every=1"]
+    result = Experiment(overrides=over).run(run_dir=tmp_path / name)
+    last = result.rows[-1]
+    assert 0.0 <= last["clients_test_personalized_accuracy"] <= 1.0 and "clients_test_accuracy" in last
+    assert result.final["clients_test_personalized_accuracy"] == last["clients_test_personalized_accuracy"]
 
 
 def test_scaffold_with_dp_is_refused_at_configuration():

@@ -619,6 +619,9 @@ class Experiment:
             finally:
                 server.test_data = held_out
         final.update(task.final_metrics(model, server.params, train, test))
+        evaluated = [r for r in rows if any(k.startswith("clients_test_") for k in r)]
+        if evaluated:  # the clients' own test splits: the global model's and, if personalised, their own models'
+            final.update({k: v for k, v in evaluated[-1].items() if k.startswith("clients_test_")})
         final["final_metrics_s"] = time.perf_counter() - t_final
         final.update(server.pipeline.ledger.report())
         final["rounds"] = server.round

@@ -19,6 +19,7 @@ ALGORITHM_BUILDERS: dict[str, str] = {
     "fedprox": "fedguard.algorithms.fedprox:build",
     "scaffold": "fedguard.algorithms.scaffold:build",
     "feddyn": "fedguard.algorithms.feddyn:build",
+    "ditto": "fedguard.algorithms.ditto:build",
 }
 
 
