@@ -13,6 +13,7 @@ from torch import nn
 from fedguard import Experiment
 from fedguard.algorithms.ditto import Ditto
 from fedguard.algorithms.feddyn import FedDyn
+from fedguard.algorithms.fedper import FedPer
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
 from fedguard.algorithms.scaffold import Scaffold
 from fedguard.algorithms.server_optimizers import FedAvgServer
@@ -151,6 +152,16 @@ def test_ditto_personal_model_is_pulled_towards_the_global_one():
         torch.testing.assert_close(result.state[f"ditto/v/{k}"], expected)
 
 
+def test_fedper_keeps_the_head_on_the_client():
+    algo, w, head = FedPer(head=1), params(0.0), {"b": torch.full((2,), 5.0)}
+    result = algo.client_update(w, context(prefixed("fedper/head", head)), local())
+    assert set(result.payload) == {"w"}
+    torch.testing.assert_close(result.state["fedper/head/b"], sgd(head["b"], lambda u: u - 1.0))
+    assert set(algo.payload_like(w)) == {"w"}
+    new, _ = algo.server_apply(w, {}, {"w": torch.ones(3)}, FedAvgServer(1.0), None)
+    torch.testing.assert_close(new["b"], w["b"])  # the global head is never moved by clients
+
+
 TINY = ["run.progress=false", "run.report=false", "run.rounds=3", "run.threads=1", "data.num_clients=4",
         "data.max_train_examples=400", "train.max_steps=3", "run.eval_every=0"]
 
@@ -164,7 +175,7 @@ def test_stateful_algorithms_run_end_to_end_with_workers(tmp_path, name):
     assert all(torch.equal(result.params[k], serial.params[k]) for k in result.params)
 
 
-@pytest.mark.parametrize("name", ["ditto"])
+@pytest.mark.parametrize("name", ["ditto", "fedper"])
 def test_personalised_algorithms_report_both_accuracies(tmp_path, name):
     over = [*TINY, f"algorithm.name={name}", "run.workers=1", "data.client_test_fraction=0.2", "run.eval_every=1"]
     result = Experiment(overrides=over).run(run_dir=tmp_path / name)
@@ -206,3 +217,10 @@ def test_scaffold_over_the_network_equals_the_simulation(tmp_path):
     assert metric_rows(tmp_path / "run") == metric_rows(sim.run_dir)
     net, ref = load_file(str(tmp_path / "run" / "model.safetensors")), load_file(str(sim.run_dir / "model.safetensors"))
     assert all(torch.equal(net[k], ref[k]) for k in ref)
+
+
+def test_registry_serves_every_configured_name():
+    from fedguard.algorithms.registry import ALGORITHM_BUILDERS
+    from fedguard.config import ALGORITHMS
+
+    assert sorted(ALGORITHM_BUILDERS) == sorted(ALGORITHMS)

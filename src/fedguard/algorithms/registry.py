@@ -20,6 +20,7 @@ ALGORITHM_BUILDERS: dict[str, str] = {
     "scaffold": "fedguard.algorithms.scaffold:build",
     "feddyn": "fedguard.algorithms.feddyn:build",
     "ditto": "fedguard.algorithms.ditto:build",
+    "fedper": "fedguard.algorithms.fedper:build",
 }
 
 
