@@ -5,7 +5,8 @@ certificates, on 127.0.0.1). ``net-50`` runs the same configuration in the simul
 over the network, compares the metrics and final model, and reports round times, bytes each
 client uploads per round (as counted by the protocol, and by the kernel's TCP counters
 including TLS and HTTP/2 framing) and the clients' memory. ``net-faults`` runs each fault
-drill of issue 6 and reports one boolean per drill.
+drill of issue 6 and each attack scenario of issue 14 (``fedguard attack``) and reports one
+boolean per drill and scenario, and how many hostile messages were tried.
 """
 
 from __future__ import annotations
@@ -365,9 +366,20 @@ def drill_auth_and_fuzz(args: Any, folder: Path) -> dict[str, Any]:
             "server_refusals_logged": server.count("refused message"), "model_max_abs_diff_vs_reference": diff}
 
 
+def drill_attacks(folder: Path) -> dict[str, Any]:
+    """Issue 14's attacks (``fedguard attack``): a hostile client and a curious or malicious
+    server against live loopback deployments (server-side ones in-process); each must end
+    refused or contained."""
+    from fedguard.runtime.network.attack import run_attacks, summary
+
+    return summary(run_attacks(folder, log=lambda text: print(text, flush=True)))
+
+
 def net_faults(args: Any) -> dict[str, Any]:
-    """Fault drills over real processes: one boolean per drill and all_passed."""
+    """Fault drills and attack scenarios over real processes: one boolean per drill and per
+    scenario, all_passed, and the count of hostile messages tried."""
     folder = _fresh(Path(args.out) / "net-faults")
+    attacks = drill_attacks(folder / "attacks")
     kill = drill_kill_20_percent(args, folder / "kill-20")
     restart = drill_restart_client(args, folder / "restart")
     resume = drill_server_resume(args, folder / "resume")
@@ -379,10 +391,16 @@ def net_faults(args: Any) -> dict[str, Any]:
         "unauthenticated_refused": bool(guard["unauthenticated"]),
         "fuzz_1000_model_unchanged": bool(guard["fuzz"]),
     }
+    for row in attacks["results"]:
+        flags["attack_" + row["scenario"].replace("-", "_")] = row["outcome"] in ("refused", "contained")
     for name, passed in flags.items():
         print(f"net-faults {name}: {'PASS' if passed else 'FAIL'}", flush=True)
-    return {**flags, "all_passed": all(flags.values()),
-            "details": {"kill": kill, "restart": restart, "resume": resume, "auth_fuzz": guard}}
+    hostile = attacks["hostile_messages"] + int(guard["fuzzer"].get("sent", 0)) + guard["fuzzer"].get("bad_updates", 0)
+    print(f"net-faults hostile messages tried: {hostile}", flush=True)
+    return {**flags, "all_passed": all(flags.values()), "hostile_messages": hostile,
+            "attack_outcomes": {r["scenario"]: r["outcome"] for r in attacks["results"]},
+            "details": {"kill": kill, "restart": restart, "resume": resume, "auth_fuzz": guard,
+                        "attacks": attacks["results"]}}
 
 
 BENCHMARKS = {"net-50": net_50, "net-faults": net_faults}

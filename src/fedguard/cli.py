@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_network_commands(sub)
     _add_audit(sub)
+    from fedguard.runtime.network.attack import add_attack_command
+
+    add_attack_command(sub)
     return parser
 
 
