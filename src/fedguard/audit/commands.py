@@ -52,6 +52,26 @@ def _cmd_inversion(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_membership(args: argparse.Namespace) -> int:
+    from .membership_audit import membership_run
+    from .pictures import save_roc
+
+    config = _config(args)
+    out = _out(args, "membership")
+    result = membership_run(config, out / "runs", shadows=args.shadows)
+    summary = result.summary()
+    _write(out, "membership", summary)
+    roc = save_roc(result.curves, out / "membership_roc.png", f"epsilon {result.epsilon}")
+    print(f"released model: train accuracy {result.train_accuracy:.3f}, test {result.target_accuracy}, "
+          f"epsilon {result.epsilon}; {summary['members']} members vs {summary['nonmembers']} non-members")
+    for name, row in summary["attacks"].items():
+        low, high = row["auc_ci"]
+        print(f"  {name:15s} AUC {row['auc']:.3f} [{low:.3f}, {high:.3f}]  TPR@0.1%FPR {row['tpr_at_0.001']:.4f}"
+              f"  TPR@1%FPR {row['tpr_at_0.01']:.4f}")
+    print(f"  ROC {roc}, figures {out / 'membership.json'} ({result.wall_s:.0f} s)")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML configuration of the run to attack (every option has a default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -74,3 +94,10 @@ def add_audit_commands(sub: argparse._SubParsersAction) -> None:
     inv.add_argument("--dlg-iterations", type=int, default=300, help="iDLG L-BFGS iterations per restart")
     inv.add_argument("--restarts", type=int, default=2, help="restarts (the lowest objective is kept)")
     inv.set_defaults(func=_cmd_inversion)
+    mem = attacks.add_parser(
+        "membership", help="loss threshold and offline LiRA against the released model and one client's update",
+        description="The run trains on a random half of its training set (members; the other half are non-members); "
+                    "shadow runs of the same configuration train on subsets of the test set (the attacker's data).")
+    _common(mem)
+    mem.add_argument("--shadows", type=int, default=4, help="shadow runs for offline LiRA (0: loss threshold only)")
+    mem.set_defaults(func=_cmd_membership)
