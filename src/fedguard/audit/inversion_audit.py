@@ -66,7 +66,7 @@ def _attack(knowledge: AttackKnowledge, update: dict[str, torch.Tensor], count: 
             ig: InvertingGradientsConfig, dlg_iterations: int, seed: int):
     if count == 1 and knowledge.steps == 1:
         return dlg(knowledge, update, iterations=dlg_iterations, restarts=ig.restarts, seed=seed), "iDLG"
-    cfg = InvertingGradientsConfig(ig.iterations, ig.restarts, ig.lr, ig.tv, seed)
+    cfg = InvertingGradientsConfig(ig.iterations, ig.restarts, ig.lr, ig.tv, seed, ig.warm_start)
     return inverting_gradients(knowledge, update, count, cfg), "inverting-gradients"
 
 
@@ -91,28 +91,29 @@ def attack_run(config: Config, images: int = 16, label: str = "", secagg_clients
     images = min(images, len(victim))
     per_update = min(config.train.batch_size * max(config.train.max_steps, 1), images) \
         if config.train.max_steps else min(config.train.batch_size, images)
+    chunks = [list(range(a, min(a + per_update, images))) for a in range(0, images, per_update)]
+    group = secagg_clients if hidden else 1
     truth, recon, labels_ok = [], [], []
-    attack_name = ""
-    for start in range(0, images, per_update):
-        idx = list(range(start, min(start + per_update, images)))
-        data = victim.subset(idx, "victim")
-        update = observe_update(setup, data, global_params, client_id=0)
-        knowledge = knowledge_of(setup, global_params, len(idx))
-        count = len(idx)
+    attack_name, knowledge = "", knowledge_of(setup, global_params, per_update)
+    for first in range(0, len(chunks), group):
+        # one round: each victim chunk is one client's update; with secure aggregation up to ``group`` of them
+        # (topped up with other clients' updates on their own first examples) reach the server only as a sum
+        mine = chunks[first : first + group]
+        data = victim.subset([i for c in mine for i in c], "victim")
+        updates = [observe_update(setup, victim.subset(c, "victim"), global_params, client_id=0) for c in mine]
+        updates += [observe_update(setup, setup.client_data(c).subset(list(range(per_update)), "other"),
+                                   global_params, client_id=c) for c in range(1, group - len(mine) + 1)]
+        count = per_update * len(updates)
+        knowledge = knowledge_of(setup, global_params, per_update)
         if hidden:
-            others = [observe_update(setup, setup.client_data(c).subset(list(range(len(idx))), "other"),
-                                     global_params, client_id=c) for c in range(1, secagg_clients)]
-            update = sum_updates([update, *others])
-            count = len(idx) * secagg_clients
             knowledge = AttackKnowledge(**{**knowledge.__dict__, "batch_size": count, "num_examples": count})
-            knowledge.notes = {"sees": f"the sum of {secagg_clients} clients' updates (secure aggregation)"}
-        result, attack_name = _attack(knowledge, update, count, ig, dlg_iterations, config.run.seed + start)
-        order = best_match(result.images, data.x)
+            knowledge.notes = {"sees": f"the sum of {group} clients' updates (secure aggregation)"}
+        update = sum_updates(updates)
+        result, attack_name = _attack(knowledge, update, count, ig, dlg_iterations, config.run.seed + first)
         truth.append(data.x)
-        recon.append(result.images[order])
-        true_labels = data.y.tolist()
-        labels_ok.append(sum(min(true_labels.count(c), result.labels.tolist().count(c)) for c in set(true_labels))
-                         / len(true_labels))
+        recon.append(result.images[best_match(result.images, data.x)])
+        true_labels, got = data.y.tolist(), result.labels.tolist()
+        labels_ok.append(sum(min(true_labels.count(c), got.count(c)) for c in set(true_labels)) / len(true_labels))
     truth_t, recon_t = torch.cat(truth), torch.cat(recon)
     return InversionResult(
         label or _describe(config, hidden),

@@ -28,7 +28,8 @@ __all__ = ["per_example", "loss_threshold_scores", "lira_offline_scores", "updat
 
 
 @torch.no_grad()
-def per_example(model: nn.Module, params: Params, data: ArrayDataset, batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def per_example(model: nn.Module, params: Params, data: ArrayDataset,
+                batch: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Each example's cross-entropy loss and logit-scaled confidence ``phi`` (computed stably from logits)."""
     losses, phis = [], []
     for start in range(0, len(data), batch):

@@ -28,7 +28,7 @@ from fedguard.experiment import Experiment
 from fedguard.types import Params
 
 from .knowledge import observe_update
-from .membership import loss_threshold_scores, lira_offline_scores, per_example, update_scores
+from .membership import lira_offline_scores, loss_threshold_scores, per_example, update_scores
 from .roc import RocSummary, roc_curve, summarize
 
 __all__ = ["MembershipResult", "train_released", "membership_run"]
@@ -71,9 +71,8 @@ def train_released(config: Config, train: ArrayDataset, test: ArrayDataset, run_
 
 
 def _accuracy(model: Any, params: Params, data: ArrayDataset) -> float:
-    from torch.func import functional_call
-
     import torch
+    from torch.func import functional_call
 
     with torch.no_grad():
         logits = functional_call(model, params, (data.x,))
