@@ -120,14 +120,16 @@ def test_distributed_dpsgd_refuses_what_it_cannot_account():
                               "secure.mode=secagg"]).assemble()
     setup = Experiment(overrides=[*TINY, "dp.mode=sample", "dp.noise_placement=distributed", "dp.local_steps=1",
                                   "dp.sample_rate=0.1", "secure.mode=secagg"]).assemble()
-    assert setup.pipeline.ledger.noise_scale(4) == 1.0 and setup.pipeline.ledger.noise_scale(1) == 0.5
+    # 4 clients per round, SecAgg+ unmasks with 2 survivors, 1 colluder: 1 share holds the full noise
+    assert setup.pipeline.ledger.noise_scale(2) == 1.0 and setup.pipeline.ledger.noise_scale(4) == pytest.approx(3**0.5)
 
 
 def test_distributed_dpsgd_with_secure_aggregation_runs(tmp_path):
     result = run(tmp_path, "dp.mode=sample", "dp.noise_placement=distributed", "dp.local_steps=1",
                  "dp.sample_rate=0.1", "secure.mode=secagg", "dp.noise_multiplier=1.5")
     assert [r["completed_clients"] for r in result.rows] == [4, 4]
-    assert result.rows[-1]["dp_steps"] == 2 and result.rows[-1]["dp_noise_multiplier"] == 1.5
+    # 4 completed, 1 of them a colluder, shares sized for the 2 survivors SecAgg+ needs: 3 honest shares
+    assert result.rows[-1]["dp_steps"] == 2 and result.rows[-1]["dp_noise_multiplier"] == pytest.approx(1.5 * 3**0.5)
 
 
 def test_round_discarded_by_min_clients_still_charges_the_ledger(tmp_path):

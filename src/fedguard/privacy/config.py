@@ -88,8 +88,16 @@ class DPConfig:
     )
     noise_shares: int = option(
         0,
-        "distributed: number of completed clients whose shares make the full noise (0: the clients per "
-        "round). Fewer completed clients mean less noise, charged as such.",
+        "distributed: number of shares that make the full noise; each client adds 1/noise_shares of its variance "
+        "(0: the fewest surviving clients SecAgg lets a round release, secure.min_survivors or its default, less "
+        "dp.colluding_clients). Rounds with fewer honest shares are charged at their lower noise; the budget "
+        "check plans every round at the fewest survivors.",
+        min=0,
+    )
+    colluding_clients: int = option(
+        1,
+        "distributed: participants assumed to collude with the server (at least 1: a client knows its own "
+        "share). The shares are sized so that the other clients' noise alone gives the reported epsilon.",
         min=0,
     )
     adaptive_clip: bool = option(

@@ -46,6 +46,9 @@ class DPLedger(PrivacyLedger):
     ) -> None:
         self.mechanism, self.delta, self.accountant = mechanism, delta, accountant
         self.budget, self.sampler, self.planner = budget, sampler, planner
+        #: round -> the fewest completed clients whose updates that round can release (the worst case the
+        #: budget check plans for; the sampled count when dropouts cannot lower the noise)
+        self.fewest: Callable[[int], int] | None = None
         self.histories: dict[int, History] = {}
         self.rounds = 0
         #: True when each client has its own guarantee (sample-level, local)
@@ -124,13 +127,24 @@ class DPLedger(PrivacyLedger):
             return False
         limit = self.budget * (1 + 1e-9)
         for party in self.parties_in(next_round):
-            planned = history_of([*self.histories.get(party, ()), *self.planner(party)])
+            planned = history_of([*self.histories.get(party, ()), *self.planned(party, next_round)])
             bound = self.quick_bound(planned)
             if bound <= limit:
                 continue  # the reported figure is at most the quick bound
             if min(self.epsilon_of_history(planned), bound) > limit:
                 return True
         return False
+
+    def planned(self, party: int, round: int) -> list[tuple[GaussianStep, int]]:
+        """The steps ``party`` would take in ``round`` at the worst case the configuration allows."""
+        assert self.planner is not None
+        return self.planner(party)
+
+    def fewest_completed(self, round: int) -> int:
+        """The fewest completed clients ``round`` can release a result with."""
+        if self.fewest is not None:
+            return self.fewest(round)
+        return len(self.sampler.sample(round)) if self.sampler is not None else 1
 
     def parties_in(self, round: int) -> list[int]:
         """The parties whose spending a round adds to (the sampled clients)."""
@@ -186,6 +200,12 @@ class SampleLevelLedger(DPLedger):
         #: distributed noise: the factor on sigma when ``completed`` clients added their share
         self.noise_scale = noise_scale or (lambda completed: 1.0)
 
+    def planned(self, party: int, round: int) -> list[tuple[GaussianStep, int]]:
+        """The client's steps, at the noise left when the fewest clients complete the round."""
+        scale = self.noise_scale(self.fewest_completed(round))
+        steps = super().planned(party, round)
+        return [(GaussianStep(s.noise_multiplier * scale, s.sampling_rate), c) for s, c in steps]
+
     def record_round(self, ctx: ServerContext, replies: list[Message]) -> None:
         """Charge every client whose update was aggregated this round."""
         self.rounds += 1
@@ -226,6 +246,9 @@ class ClientLevelLedger(DPLedger):
         self.sampling_rate, self.noise_of_round = sampling_rate, noise_of_round
         self.per_party = False
 
+    def planned(self, party: int, round: int) -> list[tuple[GaussianStep, int]]:
+        """One release at the noise left when the fewest clients complete the round."""
+        return [(GaussianStep(self.noise_of_round(self.fewest_completed(round)), self.sampling_rate), 1)]
     def record_round(self, ctx: ServerContext, replies: list[Message]) -> None:
         """Charge the population for one release at this round's effective noise."""
         self.rounds += 1

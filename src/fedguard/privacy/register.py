@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from functools import lru_cache
 
@@ -28,7 +29,7 @@ from fedguard.privacy.accountant import GaussianStep, calibrate_noise, default_d
 from fedguard.privacy.config import DPConfig
 from fedguard.privacy.dpfedavg import AdaptiveClip, ClipUpdate, DistributedNoise, DPFedAvgNoise, update_noise_multiplier
 from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan, DPSGDReport
-from fedguard.privacy.ledger import ClientLevelLedger, LocalLedger, SampleLevelLedger
+from fedguard.privacy.ledger import ClientLevelLedger, DPLedger, LocalLedger, SampleLevelLedger
 from fedguard.privacy.local_dp import LocalGaussian, PublicReply
 from fedguard.privacy.noise import NOT_A_GUARANTEE, Randomness, randomness, secure_uniform
 from fedguard.privacy.per_example import VmapClippedSum, build_clipped_sum, loop_clipped_sum, relative_difference
@@ -212,13 +213,13 @@ def _sample_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
         n = sizes[client]
         return [(GaussianStep(plan.noise_multiplier, plan.rate(n)), plan.local_steps(n))]
 
-    scale = lambda completed: 1.0  # noqa: E731
-    if plan.noise_shares > 1:
-        shares = plan.noise_shares
-        scale = lambda completed: math.sqrt(completed / shares)  # noqa: E731
+    distributed = dp.noise_placement == "distributed"
+    scale = _charged_scale(ctx, plan.noise_shares) if distributed else (lambda completed: 1.0)
     parts.client_steps[0:0] = [DPSGDReport(plan), PublicReply("registered")]
     parts.ledger = SampleLevelLedger(resolve_delta(ctx), dp.accountant, budget=dp.budget_epsilon,
                                      sampler=ctx.sampler, planner=planner, noise_scale=scale)
+    if distributed:
+        _plan_at_fewest(parts.ledger, ctx)
 
 
 def sample_noise_shares(ctx: BuildContext) -> float:
@@ -238,7 +239,58 @@ def sample_noise_shares(ctx: BuildContext) -> float:
         problems.append("server.weighting=examples (the aggregate is then the sum over all examples / (q N))")
     if problems:
         raise ConfigurationError("dp.noise_placement=distributed with dp.mode=sample needs " + "; ".join(problems))
-    return float(dp.noise_shares or ctx.sampler.per_round(ctx.sampler.population))
+    return float(distributed_shares(ctx, ctx.sampler.per_round(ctx.sampler.population)))
+
+
+def fewest_survivors(ctx: BuildContext, clients: int) -> int:
+    """The fewest of ``clients`` sampled clients whose masked updates SecAgg+ unmasks (its min_survivors)."""
+    s = ctx.config.secure
+    return _fewest(clients, s.neighbours, s.threshold, s.min_survivors, ctx.config.server.min_clients, s.ring_bits)
+
+
+@lru_cache(maxsize=256)
+def _fewest(clients: int, neighbours: int, threshold: int, min_survivors: int, min_clients: int, bits: int) -> int:
+    if clients < 2:
+        return clients
+    from fedguard.secure.secagg_aggregator import SecAggSettings
+
+    settings = SecAggSettings(ring_bits=bits, neighbours=neighbours or None, threshold=threshold or None,
+                              min_survivors=min_survivors or None, min_clients=min_clients)
+    return min(clients, settings.round_config(0, list(range(clients)), 1, seed=bytes(32)).min_survivors)
+
+
+def distributed_shares(ctx: BuildContext, clients: int) -> int:
+    """How many shares make the full noise: the fewest survivors of ``clients``, less the colluders.
+
+    Each client adds ``1 / shares`` of the noise variance; a round that SecAgg+ completes has at
+    least ``fewest`` survivors, of which at most ``dp.colluding_clients`` know their own share, so
+    the others' noise alone carries the full variance (Kairouz, Liu, Steinke 2021, Section 5).
+    """
+    dp = ctx.config.dp
+    if dp.noise_shares:
+        return int(dp.noise_shares)
+    fewest = fewest_survivors(ctx, clients)
+    shares = fewest - dp.colluding_clients
+    if shares < 1:
+        raise ConfigurationError(
+            f"dp.colluding_clients={dp.colluding_clients}: a round of {clients} clients may release the sum of only "
+            f"{fewest} (secure.min_survivors), which leaves no honest share of the noise. Raise "
+            "secure.min_survivors or server.clients_per_round, or lower dp.colluding_clients."
+        )
+    return shares
+
+
+def _charged_scale(ctx: BuildContext, shares: float) -> Callable[[int], float]:
+    """completed clients -> the factor on the noise multiplier their honest shares give: every completed
+    client's share but the colluders' (the protected client's own share always counts)."""
+    colluding = ctx.config.dp.colluding_clients
+    return lambda completed: math.sqrt(max(completed - colluding, min(completed, 1)) / shares)
+
+
+def _plan_at_fewest(ledger: DPLedger, ctx: BuildContext) -> None:
+    """Make the ledger's budget check plan every round at the fewest clients SecAgg+ lets complete it."""
+    sampler = ctx.sampler
+    ledger.fewest = lambda round: fewest_survivors(ctx, len(sampler.sample(round)))
 
 
 # -- client-level and local ----------------------------------------------------------------------
@@ -290,14 +342,17 @@ def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     steps: list[ClientStep] = [clip]
     noise_of_round = lambda completed: z  # noqa: E731
     if dp.noise_placement == "distributed":
-        shares = dp.noise_shares or expected
+        shares = distributed_shares(ctx, max(1, round(expected)))
         steps.append(DistributedNoise(z, shares, dp.clip, source))
-        noise_of_round = lambda completed: z * math.sqrt(completed / shares)  # noqa: E731
+        scale = _charged_scale(ctx, shares)
+        noise_of_round = lambda completed: z * scale(completed)  # noqa: E731
         z_update = 0.0
     parts.client_steps[0:0] = steps
     parts.server_steps.insert(0, DPFedAvgNoise(clip, z_update, expected, source))
     parts.ledger = ClientLevelLedger(resolve_delta(ctx), dp.accountant, q, noise_of_round, z,
                                      budget=dp.budget_epsilon, sampler=ctx.sampler)
+    if dp.noise_placement == "distributed":
+        _plan_at_fewest(parts.ledger, ctx)
 
 
 def _local_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
