@@ -17,6 +17,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from fedguard.algorithms.update_rules import SGDRule, UpdateRule
 from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
 
@@ -68,7 +69,9 @@ def mean_loss_gradient(
 
 @dataclass
 class LocalSGD:
-    """A client's optimiser: SGD with momentum, weight decay and the FedProx term.
+    """A client's local training: the one loop, with slots for the batch sampler, the gradient
+    estimator and the update rule (SGD with momentum by default), plus weight decay, the FedProx
+    term and an algorithm's gradient correction.
 
     ``steps_limit`` caps local steps (None: as many as the sampler yields).
     """
@@ -84,6 +87,8 @@ class LocalSGD:
     lr_scale: float = 1.0
     #: a constant added to every gradient (by parameter name), set by the algorithm; None: nothing
     correction: Params | None = None
+    #: how gradients change the parameters (None: SGD with ``momentum``; the generative tasks use Adam)
+    rule: UpdateRule | None = None
 
     def scaled(self, lr_scale: float) -> LocalSGD:
         """This optimiser with the round's learning-rate factor (the base ``lr`` unchanged)."""
@@ -101,7 +106,7 @@ class LocalSGD:
         start = {k: v.detach() for k, v in params.items()}
         current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         tensors = list(current.values())
-        velocity: list[torch.Tensor] | None = None
+        step = (self.rule or SGDRule(self.momentum)).begin(tensors, self.lr * self.lr_scale)
 
         def loss_of(p: Params, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
             return task.loss(model, p, batch)
@@ -114,15 +119,7 @@ class LocalSGD:
             grads, loss = self.gradient(loss_of, current, batch, generator)
             losses.append(loss)
             with torch.no_grad():
-                grads = self._regularise(grads, tensors, start)
-                if self.momentum:
-                    if velocity is None:
-                        velocity = [g.clone() for g in grads]
-                    else:
-                        torch._foreach_mul_(velocity, self.momentum)
-                        torch._foreach_add_(velocity, grads)
-                    grads = velocity
-                torch._foreach_add_(tensors, grads, alpha=-self.lr * self.lr_scale)
+                step(self._regularise(grads, tensors, start))
         trained = {k: v.detach() for k, v in current.items()}
         mean = sum(losses) / len(losses) if losses else float("nan")
         return trained, {"train_loss": mean, "steps": float(len(losses))}

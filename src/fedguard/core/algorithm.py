@@ -42,11 +42,24 @@ SEP = "/"
 
 
 class Trainer(Protocol):
-    """A client's local optimiser (``LocalSGD`` and the DP variants installed in it)."""
+    """A client's local training (:class:`fedguard.algorithms.local_sgd.LocalSGD`): the one loop
+    with its slots, which privacy mechanisms and algorithms fill and tasks' own loops read."""
 
     lr: float
+    #: this round's factor on ``lr`` (the server's schedule)
     lr_scale: float
+    weight_decay: float
     prox_mu: float
+    #: cap on local steps (None: as many as the sampler yields)
+    steps_limit: int | None
+    #: ``sampler(n, generator)`` yields each step's example indices
+    sampler: Any
+    #: ``gradient(loss_of, params, batch, generator)`` -> (gradients, mean loss)
+    gradient: Any
+
+    def scaled(self, lr_scale: float) -> Trainer:
+        """This trainer at the round's learning-rate factor."""
+        ...
 
     def train(
         self, task: Any, model: nn.Module, params: Params, data: Any, generator: torch.Generator
@@ -73,7 +86,7 @@ class LocalTraining:
     model: nn.Module
     #: the client's training examples (an ``ArrayDataset``), already on ``device``
     data: Any
-    trainer: Any
+    trainer: Trainer
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def train(self, params: Params, generator: torch.Generator, trainer: Any = None) -> tuple[Params, dict[str, float]]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedguard.core.algorithm import Trainer
 from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
 
@@ -51,10 +52,10 @@ class Task(ABC):
         model: nn.Module,
         params: Params,
         data: ArrayDataset,
-        trainer: Any,
+        trainer: Trainer,
         generator: torch.Generator,
     ) -> tuple[Params, dict[str, float]]:
-        """One client's local update from ``params``; by default the trainer's SGD loop."""
+        """One client's local update from ``params``; by default the trainer's loop (SGD unless its rule says)."""
         return trainer.train(self, model, params, data, generator)
 
     def report_figures(

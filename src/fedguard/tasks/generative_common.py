@@ -1,5 +1,5 @@
-"""Pieces shared by the generative tasks (VAE, MAE, GAN): seeded randomness, local Adam,
-image grids for the run report.
+"""Pieces shared by the generative tasks (VAE, MAE, GAN): seeded randomness, local Adam (the
+engine's one local loop with the Adam rule), image grids for the run report.
 
 Randomness inside a loss (a VAE's reparameterisation noise, an MAE's masks, a GAN's latent
 codes) comes from torch's global generator, re-seeded from the client's own generator at the
@@ -9,7 +9,6 @@ worker process trains which client.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -19,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedguard.algorithms.local_sgd import LocalSGD
+from fedguard.algorithms.update_rules import Adam as Adam  # re-exported: the GAN and FID probes step with it
+from fedguard.algorithms.update_rules import AdamRule
 from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
 
@@ -36,40 +38,6 @@ def seeded_global_rng(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-class Adam:
-    """Adam (Kingma & Ba 2015) over a list of tensors, stepped with given gradients.
-
-    Same update as ``torch.optim.Adam`` without weight decay; written out because
-    constructing a ``torch.optim`` optimiser imports torch's compiler stack, which costs
-    seconds in every fresh worker process.
-    """
-
-    def __init__(self, tensors: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
-        self.tensors, self.lr, self.betas, self.eps = tensors, lr, betas, eps
-        self.m = [torch.zeros_like(t) for t in tensors]
-        self.v = [torch.zeros_like(t) for t in tensors]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, grads: list[torch.Tensor]) -> None:
-        """Apply one update with ``grads`` (one per tensor)."""
-        self.t += 1
-        b1, b2 = self.betas
-        torch._foreach_lerp_(self.m, grads, 1 - b1)
-        torch._foreach_mul_(self.v, b2)
-        torch._foreach_addcmul_(self.v, grads, grads, value=1 - b2)
-        denom = torch._foreach_sqrt(self.v)
-        torch._foreach_div_(denom, math.sqrt(1 - b2**self.t))
-        torch._foreach_add_(denom, self.eps)
-        torch._foreach_addcdiv_(self.tensors, self.m, denom, value=-self.lr / (1 - b1**self.t))
-
-    def minimise(self, loss: torch.Tensor) -> float:
-        """One step down the gradient of ``loss`` with respect to this optimiser's tensors."""
-        self.step(list(torch.autograd.grad(loss, self.tensors)))
-        return float(loss.detach())
 
 
 @contextmanager
@@ -95,40 +63,22 @@ def adam_local_train(
 ) -> tuple[Params, dict[str, float]]:
     """A client's local update with Adam (fresh moments each round) instead of SGD.
 
-    Batches, the gradient estimator (e.g. DP-SGD's clipped, noised per-example gradients),
-    the step cap, weight decay and the FedProx term all come from the engine's ``trainer``,
-    so privacy mechanisms apply unchanged; only the update rule differs.
+    The engine's one local loop (:class:`~fedguard.algorithms.local_sgd.LocalSGD`) with the
+    Adam update rule: batches, the gradient estimator (e.g. DP-SGD's clipped, noised
+    per-example gradients), the step cap, weight decay and the FedProx term all come from the
+    engine's ``trainer``, so privacy mechanisms apply unchanged; only the update rule differs.
     """
-    start = [v.detach() for v in params.values()]
-    current = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    tensors = list(current.values())
-    opt = Adam(tensors, lr, betas)
-    limit = getattr(trainer, "steps_limit", None)
-
-    def loss_of(p: Params, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        return task.loss(model, p, batch)
-
-    losses: list[float] = []
-    for idx in trainer.sampler(len(data), generator):
-        if limit is not None and len(losses) >= limit:
-            break
-        grads, loss = trainer.gradient(loss_of, current, (data.x[idx], data.y[idx]), generator)
-        losses.append(loss)
-        with torch.no_grad():
-            opt.step(_regularise(list(grads), tensors, start, trainer))
-    trained = {k: v.detach() for k, v in current.items()}
-    mean = sum(losses) / len(losses) if losses else float("nan")
-    return trained, {"train_loss": mean, "steps": float(len(losses))}
-
-
-def _regularise(grads: list[torch.Tensor], tensors: list[torch.Tensor], start: list[torch.Tensor],
-                trainer: Any) -> list[torch.Tensor]:
-    wd, mu = getattr(trainer, "weight_decay", 0.0), getattr(trainer, "prox_mu", 0.0)
-    if wd:
-        grads = list(torch._foreach_add(grads, tensors, alpha=wd))
-    if mu:
-        grads = list(torch._foreach_add(grads, torch._foreach_sub(tensors, start), alpha=mu))
-    return grads
+    adam = LocalSGD(
+        lr=lr,
+        weight_decay=getattr(trainer, "weight_decay", 0.0),
+        prox_mu=getattr(trainer, "prox_mu", 0.0),
+        steps_limit=getattr(trainer, "steps_limit", None),
+        sampler=trainer.sampler,
+        gradient=trainer.gradient,
+        correction=getattr(trainer, "correction", None),
+        rule=AdamRule(betas),
+    )
+    return adam.train(task, model, params, data, generator)
 
 
 def local_update(
