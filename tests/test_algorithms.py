@@ -224,3 +224,21 @@ def test_registry_serves_every_configured_name():
     from fedguard.config import ALGORITHMS
 
     assert sorted(ALGORITHM_BUILDERS) == sorted(ALGORITHMS)
+
+
+def test_noniid_benchmark_figures():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_noniid.py"
+    spec = importlib.util.spec_from_file_location("bench_noniid", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"round": r, "test_accuracy": a, "clients_test_personalized_accuracy": p, "clients_test_accuracy": g}
+            for r, a, p, g in [(1, 0.5, 0.6, 0.4), (2, 0.96, 0.8, 0.6), (3, 0.97, 1.0, 0.8)]]
+    assert bench.summarise("fedavg", rows) == {"rounds_to_95": 2, "accuracy": 0.97}
+    ditto = bench.summarise("ditto", rows)
+    assert ditto["personalized_accuracy"] == pytest.approx(0.8)
+    assert ditto["clients_global_accuracy"] == pytest.approx(0.6)
+    assert bench.summarise("scaffold", rows[:1])["rounds_to_95"] is None
+    assert sorted(bench.ALGORITHMS) == sorted(["fedavg", "fedprox", "scaffold", "feddyn", "ditto", "fedper"])

@@ -1,0 +1,168 @@
+"""Non-IID benchmark of the federated algorithms: ``python benchmarks/run.py noniid`` (``--quick`` for CI).
+
+Workload (issue 15): MNIST, CNN-S, 100 clients, 10 sampled per round, 2 local epochs of batch 50
+with plain SGD (lr 0.1, no momentum: the setting of the papers' update rules), ``ROUNDS`` rounds
+for every algorithm, on two splits of the training set:
+
+* ``shards``: McMahan et al.'s pathological split, 2 shards of one class each per client;
+* ``dirichlet-0.1``: label proportions drawn from Dirichlet(0.1) per client.
+
+Every client holds out 20% of its examples as its own test split (``data.client_test_fraction``)
+so that the personalised algorithms (Ditto, FedPer) are scored on their clients' own data.
+Algorithms: FedAvg, FedProx (mu 0.01), SCAFFOLD, FedDyn (alpha 0.01), Ditto (lambda 0.1), FedPer
+(the last layer as each client's head). Their settings are the papers' defaults, not tuned here
+(no validation run was made; none was chosen on test).
+
+For each split and algorithm the result line holds ``rounds_to_95`` (the first round whose global
+model reaches 95% test accuracy; null when none does) and ``accuracy`` (test accuracy after the
+last round), and for Ditto and FedPer ``personalized_accuracy``: the mean over the last 10 rounds
+of the example-weighted accuracy of each sampled client's own model (Ditto's personal model,
+FedPer's global body with its own head) on its own test split, beside ``clients_global_accuracy``,
+the global model's on the same splits. A plot of test accuracy per round goes beside the line.
+
+Sizing: at 50 rounds, twelve runs (Ditto trains twice per round) take about 7 CPU-seconds a
+round with two worker processes, about 45 minutes on an idle 2-core machine (estimated from a
+3-round probe at load 12, not measured idle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fedguard import Experiment
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "noniid"
+
+ROUNDS = 50
+TARGET = 0.95
+#: rounds over which the sampled clients' own-split accuracies are averaged
+LAST = 10
+ALGORITHMS: dict[str, list[str]] = {
+    "fedavg": ["algorithm.name=fedavg"],
+    "fedprox": ["algorithm.name=fedprox", "train.prox_mu=0.01"],
+    "scaffold": ["algorithm.name=scaffold"],
+    "feddyn": ["algorithm.name=feddyn", "algorithm.feddyn_alpha=0.01"],
+    "ditto": ["algorithm.name=ditto", "algorithm.ditto_lambda=0.1"],
+    "fedper": ["algorithm.name=fedper", "algorithm.fedper_head=2"],
+}
+PERSONALISED = ("ditto", "fedper")
+SPLITS: dict[str, list[str]] = {
+    "shards": ["data.partition=shards", "data.shards_per_client=2"],
+    "dirichlet-0.1": ["data.partition=dirichlet", "data.alpha=0.1"],
+}
+WORKLOAD = [
+    "data.dataset=mnist",
+    "data.num_clients=100",
+    "data.client_test_fraction=0.2",
+    "task.model=cnn-s",
+    "server.clients_per_round=10",
+    "server.optimizer=fedavg",
+    "server.lr=1.0",
+    "train.epochs=2",
+    "train.batch_size=50",
+    "train.lr=0.1",
+    "train.momentum=0",
+    f"run.rounds={ROUNDS}",
+    "run.eval_every=1",
+    "run.workers=2",
+    "run.threads=2",
+    "run.progress=false",
+    "run.report=false",
+    "run.seed=0",
+]
+#: --quick: the embedded MNIST subset, 20 clients, 3 rounds of 3 local steps (what CI and the test run)
+QUICK = [
+    "data.dataset=mnist-5k",
+    "data.num_clients=20",
+    "server.clients_per_round=4",
+    "train.max_steps=3",
+    "run.rounds=3",
+    "run.workers=1",
+    "run.threads=1",
+]
+
+
+def rounds_to(rows: list[dict[str, Any]], target: float) -> int | None:
+    """The first round whose test accuracy reaches ``target`` (None: never)."""
+    return next((int(r["round"]) for r in rows if r.get("test_accuracy", 0.0) >= target), None)
+
+
+def mean_last(rows: list[dict[str, Any]], key: str, last: int = LAST) -> float | None:
+    """The mean of ``key`` over the last ``last`` rows that have it."""
+    values = [float(r[key]) for r in rows if r.get(key) is not None][-last:]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One algorithm's figures from its metrics rows."""
+    out: dict[str, Any] = {
+        "rounds_to_95": rounds_to(rows, TARGET),
+        "accuracy": rows[-1].get("test_accuracy") if rows else None,
+    }
+    if name in PERSONALISED:
+        out["personalized_accuracy"] = mean_last(rows, "clients_test_personalized_accuracy")
+        out["clients_global_accuracy"] = mean_last(rows, "clients_test_accuracy")
+    return out
+
+
+def run_one(split: str, name: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[float]]:
+    """One run: its figures and its test-accuracy curve."""
+    overrides = [*WORKLOAD, f"data.data_dir={args.data_dir}", *SPLITS[split], *ALGORITHMS[name]]
+    if args.quick:
+        overrides += QUICK
+    overrides += list(args.set)
+    out = Path(args.out) / "noniid" / split / name
+    result = Experiment(overrides=overrides, quiet=True).run(run_dir=out)
+    curve = [round(float(r.get("test_accuracy", float("nan"))), 4) for r in result.rows]
+    figures = summarise(name, result.rows)
+    figures["seconds"] = round(result.timings.get("total_s", 0.0), 1)
+    return figures, curve
+
+
+def plot(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    """Test accuracy per round, one panel per split, one line per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (split, by_algo) in zip(axes[0], curves.items(), strict=True):
+        for name, curve in by_algo.items():
+            ax.plot(range(1, len(curve) + 1), curve, label=name)
+        ax.axhline(TARGET, color="grey", lw=0.8, ls="--")
+        ax.set(title=f"MNIST CNN-S, {split}, 10 of 100 clients", xlabel="round", ylabel="test accuracy", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def noniid(args: argparse.Namespace) -> dict[str, Any]:
+    """FedAvg, FedProx, SCAFFOLD, FedDyn, Ditto and FedPer on MNIST shards and Dirichlet 0.1 splits."""
+    results: dict[str, dict[str, Any]] = {}
+    curves: dict[str, dict[str, list[float]]] = {}
+    for split in SPLITS:
+        results[split], curves[split] = {}, {}
+        for name in ALGORITHMS:
+            results[split][name], curves[split][name] = run_one(split, name, args)
+    picture = (Path(args.out) / "noniid" if args.quick else RESULTS) / "noniid.png"
+    plot(curves, picture)
+    return {
+        "results": results,
+        "curves": curves,
+        "plot": str(picture.relative_to(HERE.parent)) if picture.is_relative_to(HERE.parent) else str(picture),
+        "config": {"workload": WORKLOAD + (QUICK if args.quick else []), "splits": SPLITS, "algorithms": ALGORITHMS,
+                   "target": TARGET, "personalized_over_last_rounds": LAST, "overrides": list(args.set)},
+    }
+
+
+BENCHMARKS = {"noniid": noniid}
+
+if __name__ == "__main__":
+    print(json.dumps(noniid(argparse.Namespace(quick=True, data_dir="", out="bench-out", set=[]))))
