@@ -207,3 +207,38 @@ def test_budget_holds_with_half_the_clients_dropping(tmp_path):
                                    "dp.budget_epsilon=5.7", "run.rounds=8", "faults.dropout_rate=0.5"]
                         ).run(run_dir=tmp_path / "run")
     assert all(row["epsilon"] <= 5.7 for row in result.rows) and result.final["epsilon"] <= 5.7
+
+
+def test_ring_share_has_the_planned_sigma_in_levels():
+    from types import SimpleNamespace
+
+    from fedguard.privacy.distributed import DiscreteGaussianRingNoise, tau
+
+    noise = DiscreteGaussianRingNoise(1.2, 0.5, 4, 5, ring_clip=1.0, dimension=10_000)
+    ctx = SimpleNamespace(step=2.0 / 5000, weight=1, max_weight=1, length=10_000)
+    draws = noise.sample(ctx)
+    sigma = 1.2 * (0.5 / (2.0 / 5000) + 100) / 2
+    assert draws.dtype == np.int64 and draws.std() == pytest.approx(sigma, rel=0.03)
+    assert noise.bound(4, 5000) > 10 * sigma * 2 and tau(sigma, 100) < 1e-300
+
+
+def test_epsilon_against_the_server_and_against_model_users(tmp_path):
+    """Central noise: nothing holds against the server (it sees each update). Distributed noise under
+    SecAgg+: the server knows the sample, so no amplification: epsilon_server > epsilon_model."""
+    from dp_accounting import GaussianDpEvent, SelfComposedDpEvent
+    from dp_accounting.rdp import RdpAccountant
+
+    base = [*TINY, "data.num_clients=8", "server.clients_per_round=4", "run.rounds=3", "dp.mode=client",
+            "server.weighting=uniform", "dp.noise_multiplier=1.0"]
+    central = Experiment(overrides=base).run(run_dir=tmp_path / "central")
+    assert central.final["epsilon_model"] == central.final["epsilon"] > 0
+    assert central.final["epsilon_server"] == math.inf and "trusted" in central.final["epsilon_server_note"]
+    dist = Experiment(overrides=[*base, "dp.noise_placement=distributed", "secure.mode=secagg"]
+                      ).run(run_dir=tmp_path / "dist")
+    ledger_rows = dist.rows
+    assert all(0 < r["epsilon_model"] < r["epsilon_server"] for r in ledger_rows)
+    # the reference: at most 3 un-amplified releases, each at no less than the run's smallest noise
+    z = ledger_rows[-1]["dp_noise_multiplier"]
+    acc = RdpAccountant()
+    acc.compose(SelfComposedDpEvent(GaussianDpEvent(min(z) if isinstance(z, list) else z), 3))
+    assert dist.final["epsilon_server"] <= acc.get_epsilon(dist.final["delta"]) + 1e-9

@@ -110,15 +110,25 @@ class DPLedger(PrivacyLedger):
         }
         if self.noise_source != "secure":
             out["epsilon_note"] = NOT_A_GUARANTEE
+        out.update(self.server_report())
         party, value = self.worst()
         if party is None:
+            out["epsilon_model"] = 0.0
             return out
-        out["epsilon"] = value
+        out["epsilon"] = out["epsilon_model"] = value
         out.update(_describe(self.histories[party]))
         if self.per_party:
             out["dp_worst_client"] = party
             out["dp_clients_accounted"] = len(self.histories)
         return out
+
+    def server_report(self) -> dict[str, Any]:
+        """``epsilon_server``: against the server, who knows which clients took part in each round.
+
+        Here the same as ``epsilon`` (each client's own secret coins and noise: DP-SGD's Poisson masks
+        and local noise are drawn on the client, so amplification holds against the server too).
+        """
+        return {"epsilon_server": self.worst()[1]}
 
     # -- budget ---------------------------------------------------------------------------
     def would_exceed_budget(self, next_round: int) -> bool:
@@ -153,20 +163,20 @@ class DPLedger(PrivacyLedger):
     # -- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Histories as JSON-ready lists."""
-        return {
-            "rounds": self.rounds,
-            "histories": {
-                str(p): [[s.noise_multiplier, s.sampling_rate, c] for s, c in h] for p, h in self.histories.items()
-            },
-        }
+        return {"rounds": self.rounds, "histories": _dump(self.histories)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.rounds = int(state.get("rounds", 0))
-        self.histories = {
-            int(p): history_of([(GaussianStep(float(z), float(q)), int(c)) for z, q, c in h])
-            for p, h in state.get("histories", {}).items()
-        }
+        self.histories = _load(state.get("histories", {}))
+
+
+def _dump(histories: dict[int, History]) -> dict[str, list[list[float]]]:
+    return {str(p): [[s.noise_multiplier, s.sampling_rate, c] for s, c in h] for p, h in histories.items()}
+
+
+def _load(data: dict[str, Any]) -> dict[int, History]:
+    return {int(p): history_of([(GaussianStep(float(z), float(q)), int(c)) for z, q, c in h]) for p, h in data.items()}
 
 
 def _describe(history: History) -> dict[str, Any]:
@@ -239,12 +249,38 @@ class ClientLevelLedger(DPLedger):
         sampling_rate: float,
         noise_of_round: Callable[[int], float],
         planned_noise: float,
+        distributed: bool = False,
         **kwargs: Any,
     ) -> None:
         planner = lambda _: [(GaussianStep(planned_noise, sampling_rate), 1)]  # noqa: E731
         super().__init__("client-level (DP-FedAvg)", delta, accountant, planner=planner, **kwargs)
         self.sampling_rate, self.noise_of_round = sampling_rate, noise_of_round
         self.per_party = False
+        #: distributed noise under SecAgg+ (the server never sees an update without the others' noise)
+        self.distributed = distributed
+        #: per client: the un-amplified releases it took part in (what the server, knowing the sample, sees)
+        self.server_histories: dict[int, History] = {}
+
+    def server_report(self) -> dict[str, Any]:
+        """Against the server, who picks and sees the sample: no amplification by sampling.
+
+        Central noise: the server sees every clipped update before it adds the noise, so nothing holds
+        against it (``epsilon_server`` inf). Distributed noise under SecAgg+: each client is charged,
+        for every round it completed, one un-amplified Gaussian release at the round's honest noise.
+        """
+        if not self.distributed:
+            return {"epsilon_server": math.inf,
+                    "epsilon_server_note": "the server is trusted: it sees each clipped update before adding noise"}
+        if not self.server_histories:
+            return {"epsilon_server": 0.0}
+        bound = {p: epsilon(h, self.delta, "rdp-int") for p, h in self.server_histories.items()}
+        ranked = sorted(bound, key=lambda p: (-bound[p], p))
+        best = -math.inf
+        for party in ranked:
+            if bound[party] <= best:
+                break
+            best = max(best, min(self.epsilon_of_history(self.server_histories[party]), bound[party]))
+        return {"epsilon_server": best}
 
     def planned(self, party: int, round: int) -> list[tuple[GaussianStep, int]]:
         """One release at the noise left when the fewest clients complete the round."""
@@ -254,10 +290,23 @@ class ClientLevelLedger(DPLedger):
         self.rounds += 1
         z = self.noise_of_round(len(ctx.completed))
         self.spend(self.PARTY, [(GaussianStep(z, self.sampling_rate), 1)])
+        if self.distributed:
+            for client in ctx.completed:
+                self.server_histories[client] = history_of([*self.server_histories.get(client, ()),
+                                                            (GaussianStep(z, 1.0), 1)])
 
     def parties_in(self, round: int) -> list[int]:
         """Every round adds to the one population-wide history."""
         return [self.PARTY]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The population's history and, for distributed noise, each client's against the server."""
+        return {**super().state_dict(), "server_histories": _dump(self.server_histories)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        super().load_state_dict(state)
+        self.server_histories = _load(state.get("server_histories", {}))
 
 
 class LocalLedger(DPLedger):

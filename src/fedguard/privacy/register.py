@@ -27,6 +27,7 @@ from fedguard.config import register_section
 from fedguard.pipeline.base import ClientStep, ConfigurationError
 from fedguard.privacy.accountant import GaussianStep, calibrate_noise, default_delta, epsilon, history_of
 from fedguard.privacy.config import DPConfig
+from fedguard.privacy.distributed import DiscreteGaussianRingNoise, check_tau, headroom_bits
 from fedguard.privacy.dpfedavg import AdaptiveClip, ClipUpdate, DistributedNoise, DPFedAvgNoise, update_noise_multiplier
 from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan, DPSGDReport
 from fedguard.privacy.ledger import ClientLevelLedger, DPLedger, LocalLedger, SampleLevelLedger
@@ -34,6 +35,7 @@ from fedguard.privacy.local_dp import LocalGaussian, PublicReply
 from fedguard.privacy.noise import NOT_A_GUARANTEE, Randomness, randomness, secure_uniform
 from fedguard.privacy.per_example import VmapClippedSum, build_clipped_sum, loop_clipped_sum, relative_difference
 from fedguard.privacy.validator import validate_for_dpsgd
+from fedguard.secure.secagg_aggregator import RING_NOISE_HOOKS
 from fedguard.tasks.base import Task
 
 register_section("dp", DPConfig)
@@ -343,13 +345,15 @@ def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     noise_of_round = lambda completed: z  # noqa: E731
     if dp.noise_placement == "distributed":
         shares = distributed_shares(ctx, max(1, round(expected)))
-        steps.append(DistributedNoise(z, shares, dp.clip, source))
+        if not ring_noise_applies(ctx):  # under SecAgg+ the noise is discrete, added in the ring
+            steps.append(DistributedNoise(z, shares, dp.clip, source))
         scale = _charged_scale(ctx, shares)
         noise_of_round = lambda completed: z * scale(completed)  # noqa: E731
         z_update = 0.0
     parts.client_steps[0:0] = steps
     parts.server_steps.insert(0, DPFedAvgNoise(clip, z_update, expected, source))
     parts.ledger = ClientLevelLedger(resolve_delta(ctx), dp.accountant, q, noise_of_round, z,
+                                     distributed=dp.noise_placement == "distributed",
                                      budget=dp.budget_epsilon, sampler=ctx.sampler)
     if dp.noise_placement == "distributed":
         _plan_at_fewest(parts.ledger, ctx)
@@ -362,6 +366,37 @@ def _local_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     parts.client_steps[0:0] = [step, PublicReply("one")]
     parts.ledger = LocalLedger(resolve_delta(ctx), dp.accountant, step.ledger_noise_multiplier,
                                budget=dp.budget_epsilon, sampler=ctx.sampler)
+
+
+def ring_noise_applies(ctx: BuildContext) -> bool:
+    """Client-level distributed noise under SecAgg+: discrete Gaussian shares inside the ring."""
+    dp = ctx.config.dp
+    secure = getattr(getattr(ctx.config, "secure", None), "mode", "none")
+    return dp.mode == "client" and dp.noise_placement == "distributed" and secure == "secagg"
+
+
+def _ring_noise_hook(ctx: BuildContext) -> DiscreteGaussianRingNoise | None:
+    """The discrete Gaussian ring noise of client-level distributed DP (Kairouz, Liu, Steinke 2021)."""
+    if not ring_noise_applies(ctx):
+        return None
+    check_settings(ctx)
+    dp, secure = ctx.config.dp, ctx.config.secure
+    expected = max(1, round(client_sampling_rate(ctx) * ctx.sampler.population))
+    shares, z = distributed_shares(ctx, expected), client_noise(ctx)
+    dimension = sum(p.numel() for p in seeded_model(ctx.task, ctx.config.run.seed).parameters())
+    bits = headroom_bits(z * max(1.0, dp.clip / secure.clip), shares)
+    if bits >= secure.ring_bits - 8:
+        raise ConfigurationError(
+            f"distributed discrete Gaussian: the noise sum needs {bits} free bits of the {secure.ring_bits}-bit ring; "
+            "raise secure.ring_bits (e.g. 64) or secure.clip"
+        )
+    noise = DiscreteGaussianRingNoise(z, dp.clip, shares, bits, secure.clip, dimension)
+    levels = ((1 << (secure.ring_bits - bits)) - 1) // max(expected, 1)
+    sigma = noise.sigma(2.0 * secure.clip / max(levels, 1), 1.0, dimension)
+    check_tau(sigma, expected, dimension, z)
+    ctx.log(f"DP: distributed discrete Gaussian in the SecAgg ring, {shares} shares, about {sigma:.4g} levels each "
+            f"({bits} ring bits of headroom)")
+    return noise
 
 
 def _pipeline_hook(parts: PipelineParts, ctx: BuildContext) -> None:
@@ -381,3 +416,4 @@ def _pipeline_hook(parts: PipelineParts, ctx: BuildContext) -> None:
 
 TRAINER_HOOKS.append(_sample_trainer_hook)
 PIPELINE_HOOKS.append(_pipeline_hook)
+RING_NOISE_HOOKS.append(_ring_noise_hook)
