@@ -1,4 +1,4 @@
-"""Foundation benchmarks: W1/W2 engine vs bare loop, and the two MNIST accuracy targets.
+"""Foundation benchmarks: W1/W2 engine vs the multi-process limit and the bare loop, and the MNIST accuracy targets.
 
 Each measured side runs in a fresh Python process (``python benchmarks/bench_core.py
 --inner SIDE WORKLOAD``) so that start-up, peak memory and wall time are its own.
@@ -158,6 +158,7 @@ def inner_engine(name: str, data_dir: str, out: str, extra: dict[str, object]) -
         "first_round_s": rounds[0],
         "startup_s": result.timings["startup_s"],
         "total_wall_s": _process_age_s(),
+        "cpu_s": _cpu_s(),
         "peak_rss_mb": mem.mb,
         "accuracy": result.final["test_accuracy"],
         "final": result.final,
@@ -166,14 +167,23 @@ def inner_engine(name: str, data_dir: str, out: str, extra: dict[str, object]) -
     }
 
 
-def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, object]:
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its reaped children (worker processes)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def inner_bare(name: str, data_dir: str, extra: dict[str, object], limit: bool = False) -> dict[str, object]:
+    """The 1-process bare loop, or (``limit``) the same computation across one forked 1-thread process per core."""
     import torch
-    from bare_loop import accuracy, run_bare
+    from bare_loop import accuracy, run_bare, run_limit, usable_cores
 
     from fedguard import Config, Experiment
 
     bare_threads = int(extra.pop(BARE_THREADS, 0))
-    if bare_threads:
+    if bare_threads and not limit:
         torch.set_num_threads(bare_threads)
 
     with PeakMemory() as mem:
@@ -182,7 +192,8 @@ def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, 
         schedule = [setup.sampler.sample(r) for r in range(1, exp.config.run.rounds + 1)]
         t = exp.config.train
         torch.manual_seed(exp.config.run.seed)
-        model, seconds = run_bare(
+        loop = run_limit if limit else run_bare
+        model, seconds = loop(
             setup.model, setup.train.x, setup.train.y, setup.parts, schedule, t.batch_size, t.lr, t.momentum, t.epochs
         )
         acc = accuracy(model, setup.test.x, setup.test.y)
@@ -190,8 +201,10 @@ def inner_bare(name: str, data_dir: str, extra: dict[str, object]) -> dict[str, 
         "round_s": seconds,
         "median_round_s": statistics.median(seconds),
         "total_wall_s": _process_age_s(),
+        "cpu_s": _cpu_s(),
         "peak_rss_mb": mem.mb,
         "accuracy": acc,
+        **({"procs": usable_cores()} if limit else {}),
     }
 
 
@@ -199,10 +212,14 @@ BARE_THREADS = "bare.threads"  # not a config key: the bare loop's torch threads
 ONE_THREAD = {"run.workers": "1", "run.threads": 1, BARE_THREADS: 1}
 
 
+REPEATS = "bench.repeats"  # not a config key: how many interleaved repeats a speed benchmark runs
+
+
 def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, object]) -> dict[str, object]:
+    extra = {**extra, **dict(item.split("=", 1) for item in getattr(args, "set", None) or [])}
+    extra.pop(REPEATS, None)
     if side == "engine":
         extra = {k: v for k, v in extra.items() if k != BARE_THREADS}
-    extra = {**extra, **dict(item.split("=", 1) for item in getattr(args, "set", None) or [])}
     cmd = [sys.executable, str(Path(__file__)), "--inner", side, name, args.data_dir, args.out, json.dumps(extra)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -210,44 +227,61 @@ def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, obje
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _repeats(args: argparse.Namespace) -> int:
+    sets = dict(item.split("=", 1) for item in getattr(args, "set", None) or [])
+    return int(sets.get(REPEATS, 1 if args.quick else 3))
+
+
+def _spread(runs: list[dict[str, object]], prefix: str) -> dict[str, object]:
+    """Median, min and max over repeats of each repeat's median round; first round; CPU; per-round seconds."""
+    medians = [statistics.median(r["round_s"]) for r in runs]
+    return {
+        f"{prefix}median_round_s": round(statistics.median(medians), 4),
+        f"{prefix}min_round_s": round(min(medians), 4),
+        f"{prefix}max_round_s": round(max(medians), 4),
+        f"{prefix}first_round_s": round(statistics.median(r["round_s"][0] for r in runs), 4),
+        f"{prefix}total_wall_s": round(statistics.median(r["total_wall_s"] for r in runs), 2),
+        f"{prefix}cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 2),
+        f"{prefix}peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
+        f"{prefix}accuracy": runs[0]["accuracy"],
+        f"{prefix}round_s": [[round(x, 4) for x in r["round_s"]] for r in runs],
+    }
+
+
 def speed_benchmark(name: str, args: argparse.Namespace, one_thread: bool = False) -> dict[str, object]:
-    """Engine and bare loop on the same workload, alternated, each in its own process.
+    """Engine, the machine's limit and the bare loop on the same workload, each in its own
+    process, alternated ``bench.repeats`` times (default 3) within one run.
 
     By default each side uses the whole machine the way it would in practice: the engine runs
-    one client per core at one thread each, the bare loop runs clients one after another with
-    torch's threads on all cores. ``one_thread`` pins both to one thread (engine in-process,
-    ``run.workers=1``), which isolates the engine's own overhead from the parallel speed-up.
+    one client per core at one thread each; the *limit* is the bare computation split across one
+    forked 1-thread process per usable core (the best a hand-written loop can do here); the bare
+    loop runs clients one after another with torch's threads on all cores. ``one_thread`` pins
+    the engine (in-process, ``run.workers=1``) and the bare loop to one thread, which isolates the
+    engine's own overhead from the parallel speed-up (no limit side: at one thread it is the bare loop).
+
+    A side's speed is the median over repeats of each repeat's median round (min and max over
+    repeats beside it); ``ratio`` is engine over bare loop, ``limit_ratio`` engine over limit.
     """
     extra: dict[str, object] = {"run.rounds": 3 if name == "w1" else 1} if args.quick else {}
     if one_thread:
         extra.update(ONE_THREAD)
-    if args.quick and name == "w1":
-        extra["data.num_clients"] = 1000
-    repeats = 1 if (args.quick or name == "w2") else 2
-    engines, bares = [], []
-    for _ in range(repeats):
-        engines.append(_spawn("engine", name, args, extra))
-        bares.append(_spawn("bare", name, args, extra))
-    eng_med = statistics.median([m for e in engines for m in e["round_s"]])
-    bare_med = statistics.median([m for b in bares for m in b["round_s"]])
-    return {
-        "name": f"{name}-1thread" if one_thread else name,
-        "median_round_s": round(eng_med, 4),
-        "first_round_s": round(statistics.median(e["first_round_s"] for e in engines), 4),
-        "total_wall_s": round(statistics.median(e["total_wall_s"] for e in engines), 2),
-        "startup_s": round(statistics.median(e["startup_s"] for e in engines), 3),
-        "bare_median_round_s": round(bare_med, 4),
-        "bare_total_wall_s": round(statistics.median(b["total_wall_s"] for b in bares), 2),
-        "ratio": round(eng_med / bare_med, 3),
-        "peak_rss_mb": round(max(e["peak_rss_mb"] for e in engines), 1),
-        "bare_peak_rss_mb": round(max(b["peak_rss_mb"] for b in bares), 1),
-        "accuracy": engines[0]["accuracy"],
-        "bare_accuracy": bares[0]["accuracy"],
-        "repeats": repeats,
-        "round_s": [e["round_s"] for e in engines],
-        "bare_round_s": [[round(x, 4) for x in b["round_s"]] for b in bares],
-        "config": engines[0]["config"],
-    }
+    sides = ("engine", "bare") if one_thread else ("engine", "limit", "bare")
+    runs: dict[str, list[dict[str, object]]] = {side: [] for side in sides}
+    for _ in range(_repeats(args)):
+        for side in sides:
+            runs[side].append(_spawn(side, name, args, extra))
+    engines = runs["engine"]
+    figures: dict[str, object] = {"name": f"{name}-1thread" if one_thread else name, **_spread(engines, "")}
+    figures["startup_s"] = round(statistics.median(e["startup_s"] for e in engines), 3)
+    figures.update(_spread(runs["bare"], "bare_"))
+    figures["ratio"] = round(figures["median_round_s"] / figures["bare_median_round_s"], 3)
+    if not one_thread:
+        figures.update(_spread(runs["limit"], "limit_"))
+        figures["limit_ratio"] = round(figures["median_round_s"] / figures["limit_median_round_s"], 3)
+        figures["limit_procs"] = runs["limit"][0]["procs"]
+    figures["repeats"] = len(engines)
+    figures["config"] = engines[0]["config"]
+    return figures
 
 
 def accuracy_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -314,8 +348,8 @@ BENCHMARKS = {
     "mnist-iid": lambda args: accuracy_benchmark("mnist-iid", args),
     "mnist-dirichlet": lambda args: accuracy_benchmark("mnist-dirichlet", args),
 }
-BENCHMARKS["w1"].__doc__ = "W1 cross-device speed: engine vs bare loop (CNN-S, 1,000 clients, 50/round)"
-BENCHMARKS["w2"].__doc__ = "W2 cross-silo speed: engine vs bare loop (CNN-M, 10 clients)"
+BENCHMARKS["w1"].__doc__ = "W1 cross-device speed: engine vs multi-process limit and bare loop (CNN-S, 1,000 clients)"
+BENCHMARKS["w2"].__doc__ = "W2 cross-silo speed: engine vs multi-process limit and bare loop (CNN-M, 10 clients)"
 BENCHMARKS["w1-1thread"].__doc__ = "W1 at one thread on both sides (engine in-process): the engine's own overhead"
 BENCHMARKS["w2-1thread"].__doc__ = "W2 at one thread on both sides (engine in-process): the engine's own overhead"
 BENCHMARKS["mnist-iid"].__doc__ = "CNN-M, 10 IID clients: accuracy within 5 rounds (target 99.0%)"
@@ -328,5 +362,8 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--inner":
     side, name, data_dir, out, extra_json = sys.argv[2:7]
     sys.path.insert(0, str(HERE))
     extra = json.loads(extra_json)
-    figures = inner_engine(name, data_dir, out, extra) if side == "engine" else inner_bare(name, data_dir, extra)
+    if side == "engine":
+        figures = inner_engine(name, data_dir, out, extra)
+    else:
+        figures = inner_bare(name, data_dir, extra, limit=side == "limit")
     print(json.dumps(figures, default=str))
