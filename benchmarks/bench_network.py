@@ -18,6 +18,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 
 from fedguard.runtime.network import auth, certs
 from fedguard.runtime.network.harness import (
+    ClientZygote,
     LocalDeployment,
     Proc,
     metric_rows,
@@ -172,25 +174,59 @@ def _uploads(run_dir: Path) -> list[int]:
     return [e["upload_bytes"] for e in events if e["kind"] == "fit" and e["status"] == "ok"]
 
 
-def _watch_rounds(server: Proc, port: int, rounds: int, timeout: float) -> tuple[list[int], list[float]]:
+def _watch_rounds(server: Proc, port: int, rounds: int, timeout: float,
+                  roots: list[int] | None = None) -> tuple[list[int], list[float]]:
     """Per client and round, the TCP bytes the server received; per round, the CPU seconds of
-    the server and every client (snapshots at each round's end)."""
+    the server and every client (snapshots at each round's end; ``roots``: more process trees
+    to count, e.g. forked clients)."""
+    def cpu_now() -> float:
+        return tree_cpu_s(os.getpid()) + sum(tree_cpu_s(r) for r in roots or [])
+
     server.wait_for(r"clients connected", timeout)
     before, per_client = _socket_received(port), []
-    cpu = [tree_cpu_s(os.getpid())]
+    cpu = [cpu_now()]
     for r in range(1, rounds + 1):
         server.wait_for(rf"round {r} fit: ", timeout)
         after = _socket_received(port)
-        cpu.append(tree_cpu_s(os.getpid()))
+        cpu.append(cpu_now())
         per_client += [after[p] - before[p] for p in after if p in before and after[p] > before[p]]
         before = after
     return per_client, [round(b - a, 2) for a, b in zip(cpu, cpu[1:], strict=False)]
+
+
+def _peak_rss_mb(pids: list[int]) -> list[float]:
+    """Each living process's peak resident set (VmHWM), in MiB."""
+    out = []
+    for pid in pids:
+        try:
+            text = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.M)
+        if match:
+            out.append(round(int(match.group(1)) / 1024, 1))
+    return out
+
+
+def _client_import_s() -> float:
+    """Wall seconds a cold Python takes to import what `fedguard client` needs (once per machine)."""
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import fedguard.runtime.network.client, fedguard.plugins"], check=True)
+    return round(time.monotonic() - t0, 2)
+
+
+def _rounds_override(args: Any, default: int) -> int:
+    for item in getattr(args, "set", []) or []:
+        if item.startswith("run.rounds="):
+            return int(item.split("=", 1)[1])
+    return default
 
 
 # -- net-50 -------------------------------------------------------------------------------------
 def net_50(args: Any) -> dict[str, Any]:
     """50 client processes, CNN-S on full MNIST partitions, 10 rounds: network vs simulation."""
     clients, rounds = (10, 3) if args.quick else (50, 10)
+    rounds = _rounds_override(args, rounds)
     folder = _fresh(Path(args.out) / "net-50")
     config = _base(args, clients, rounds, 6000 if args.quick else 0, seed=0, run={"eval_every": 5})
     data_paths, model_bytes = _export_partitions(config, _fresh(folder / "data"))
@@ -202,16 +238,23 @@ def net_50(args: Any) -> dict[str, Any]:
     watcher.stop.set()
     sim_round_s, sim_cpu = [r["round_s"] for r in sim.rows], watcher.per_round()
 
+    import_s = _client_import_s()
     dep = LocalDeployment(folder / "net", clients, config)
     server = dep.start_server(folder / "run")
     server.wait_for("listening on", 120)
+    zygote = ClientZygote(folder / "net")
     t0 = time.monotonic()
-    procs = [dep.start_client(c, ["--data", str(data_paths[c])]) for c in range(clients)]
+    pids = [zygote.start([*dep.client_args(c), "--data", str(data_paths[c])], folder / "net" / f"client-{c}.log")
+            for c in range(clients)]
     server.wait_for(r"clients connected", 900)
     startup_s = time.monotonic() - t0
-    memory = _memory_mb([p.pid for p in procs])
-    socket_bytes, net_cpu = _watch_rounds(server, dep.port, rounds, 1800)
+    memory = _memory_mb(pids)
+    socket_bytes, net_cpu = _watch_rounds(server, dep.port, rounds - 1, 1800, [zygote.popen.pid])
+    peak = _peak_rss_mb(pids)  # before the last round ends and the clients exit
+    server.wait_for(rf"round {rounds} fit: ", 1800)
+    memory_end = _memory_mb(pids)
     rc = _finish(dep, server, 600)
+    zygote.close()
 
     net_round_s = [r["round_s"] for r in metric_rows(folder / "run", ("round_s",))]
     uploads = _uploads(folder / "run")
@@ -237,6 +280,14 @@ def net_50(args: Any) -> dict[str, Any]:
         "cpu_ratio": round(statistics.median(net_cpu) / statistics.median(sim_cpu), 3),
         "net_cpu_s_per_round": net_cpu,
         "sim_cpu_s_per_round": sim_cpu,
+        "wall_median_round_s": round(median_net, 3),
+        "connect_s": round(startup_s, 1),
+        "connect_s_basis": "fork of 50 pre-imported client processes until the server logs all connected "
+                           "(one machine per client in a deployment; each pays client_import_s once, side by side)",
+        "client_import_s": import_s,
+        "client_peak_rss_mb": round(statistics.median(peak), 1) if peak else None,
+        "client_peak_rss_mb_max": max(peak) if peak else None,
+        "client_pss_mb_median_end": round(memory_end["clients_pss_mb_total"] / max(1, len(pids)), 1),
         "client_startup_s": round(startup_s, 1),
         **memory,
         "server_exit_code": rc,

@@ -261,3 +261,58 @@ def model_difference(a: str | Path, b: str | Path) -> float:
     if pa.keys() != pb.keys():
         return float("inf")
     return max((float((pa[k].double() - pb[k].double()).abs().max()) for k in pa), default=0.0)
+
+
+# -- many clients on one machine: a pre-imported parent that forks them ----------------------
+class ClientZygote:
+    """Starts ``fedguard client`` processes by forking one parent that has already imported
+    what a client needs (torch, gRPC, fedguard), as a machine running one client has done
+    before it connects. On one machine with 2 cores, 50 cold starts spend minutes importing
+    torch one after another; across 50 machines they would run side by side. Each child is
+    its own process (own pid, sockets, state, log file) running the CLI's client code.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        code = (
+            "import json, os, sys\n"
+            "import fedguard.runtime.network.client, fedguard.plugins, fedguard.cli\n"
+            "from fedguard.experiment import Experiment\n"
+            "print('ready', flush=True)\n"
+            "for line in sys.stdin:\n"
+            "    job = json.loads(line)\n"
+            "    pid = os.fork()\n"
+            "    if pid == 0:\n"
+            "        fd = os.open(job['log'], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)\n"
+            "        os.dup2(fd, 1); os.dup2(fd, 2)\n"
+            "        rc = 1\n"
+            "        try:\n"
+            "            rc = fedguard.cli.main(['client', *job['argv']])\n"
+            "        finally:\n"
+            "            sys.stdout.flush(); sys.stderr.flush(); os._exit(rc)\n"
+            "    print(pid, flush=True)\n"
+        )
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        self.popen = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+        assert self.popen.stdout is not None
+        ready = self.popen.stdout.readline().strip()
+        if ready != "ready":
+            raise RuntimeError(f"client zygote failed to start: {ready!r}")
+
+    def start(self, args: list[str], log: Path) -> int:
+        """Fork one client with ``fedguard client`` arguments ``args``; its pid."""
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.write(json.dumps({"argv": args, "log": str(log)}) + "\n")
+        self.popen.stdin.flush()
+        return int(self.popen.stdout.readline())
+
+    def close(self) -> None:
+        """Stop the parent (its children run on until their server ends the run)."""
+        if self.popen.stdin:
+            self.popen.stdin.close()
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
