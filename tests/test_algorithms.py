@@ -242,3 +242,35 @@ def test_noniid_benchmark_figures():
     assert ditto["clients_global_accuracy"] == pytest.approx(0.6)
     assert bench.summarise("scaffold", rows[:1])["rounds_to_95"] is None
     assert sorted(bench.ALGORITHMS) == sorted(["fedavg", "fedprox", "scaffold", "feddyn", "ditto", "fedper"])
+
+
+def test_pipeline_hooks_apply_in_the_stated_order_whatever_the_import_order():
+    from fedguard import builders
+
+    def user_hook(parts, ctx):
+        return None
+
+    hooks = [user_hook, *builders.PIPELINE_HOOKS]
+    ranked = [builders.ordered(hooks).index(h) for h in hooks]
+    modules = [h.__module__.split(".")[1] if h.__module__.startswith("fedguard.") else "user"
+               for h in builders.ordered(list(reversed(hooks)))]
+    families = [m for m in modules if m != "user"]
+    assert families == sorted(families, key=["attacks", "privacy", "secure", "robust"].index)
+    assert modules[-1] == "user" and sorted(ranked) == list(range(len(hooks)))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["secure.mode=secagg", "robust.rule=median"], "robust.rule=median needs each client's update in the clear"),
+        (["secure.mode=secagg", "attack.name=ipm", "attack.count=1"], "omniscient attack"),
+        (["dp.mode=client", "server.weighting=uniform", "robust.rule=median"], "is not a sum"),
+    ],
+)
+def test_one_compatibility_table_refuses_before_any_family_builds(overrides, match):
+    from fedguard.builders import check_compatibility
+    from fedguard.config import Config
+
+    config = Config.load(None, overrides)
+    with pytest.raises(ConfigurationError, match=match):
+        check_compatibility(config)

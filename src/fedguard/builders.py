@@ -1,8 +1,19 @@
 """From a configuration to the objects of a run: task, client trainer and update pipeline.
 
-Mechanism families (privacy, secure aggregation, robust rules, generative tasks) register
-their own builders here through :data:`TASK_BUILDERS`, :data:`TRAINER_HOOKS` and
-:data:`PIPELINE_HOOKS`, so that this module never grows special cases.
+The pipeline is assembled here, in one place and one stated order (:func:`build_pipeline`):
+
+1. the combinations no mechanism can serve are refused, from one table (:data:`INCOMPATIBLE`);
+2. plaintext FedAvg is the aggregator to start from;
+3. the families shape it in :data:`STAGE_ORDER`: the simulated attack (its client step first),
+   differential privacy (clip and noise client steps, central noise, the ledger), secure
+   aggregation (replaces the aggregator by a secure sum), robust rules (replace it by a robust
+   chain); then any user hooks, in the order they were added;
+4. the server optimiser and the algorithm (:mod:`fedguard.algorithms.registry`) complete it, and
+   :meth:`~fedguard.core.pipeline.UpdatePipeline.validate` checks the whole.
+
+Mechanism families register their hooks through :data:`TRAINER_HOOKS` and :data:`PIPELINE_HOOKS`
+(and tasks through :data:`TASK_BUILDERS`) when imported (:mod:`fedguard.plugins` imports them
+all); the hooks run in :data:`STAGE_ORDER` whatever the order of those imports.
 """
 
 from __future__ import annotations
@@ -68,6 +79,77 @@ TASK_BUILDERS: dict[str, Callable[[Config, ArrayDataset], Task]] = {
 }
 TRAINER_HOOKS: list[Callable[[LocalSGD, BuildContext], LocalSGD]] = []
 PIPELINE_HOOKS: list[Callable[[PipelineParts, BuildContext], None]] = []
+#: the order in which the families' hooks apply (by the package that defines them); others run after, as added
+STAGE_ORDER = ("fedguard.attacks", "fedguard.privacy", "fedguard.secure", "fedguard.robust")
+
+
+def ordered(hooks: list[Callable[..., Any]]) -> list[Callable[..., Any]]:
+    """``hooks`` in :data:`STAGE_ORDER` (a stable sort: hooks of one family, and user hooks, keep their order)."""
+
+    def rank(hook: Callable[..., Any]) -> int:
+        module = getattr(hook, "__module__", "") or ""
+        return next((i for i, p in enumerate(STAGE_ORDER) if module == p or module.startswith(p + ".")),
+                    len(STAGE_ORDER))
+
+    return sorted(hooks, key=rank)
+
+
+def _sum_hiding(config: Config) -> str:
+    return getattr(getattr(config, "secure", None), "mode", "none")
+
+
+def _robust_rule(config: Config) -> str:
+    return getattr(getattr(config, "robust", None), "rule", "none")
+
+
+def _omniscient_attack(config: Config) -> str | None:
+    from fedguard.attacks.config import OMNISCIENT_ATTACKS
+
+    name = getattr(getattr(config, "attack", None), "name", "none")
+    return name if name in OMNISCIENT_ATTACKS else None
+
+
+def _robust_vs_secure(config: Config) -> str | None:
+    mode, rule = _sum_hiding(config), _robust_rule(config)
+    if mode == "none" or rule == "none":
+        return None
+    from fedguard.secure.register import refusal
+
+    return str(refusal(mode, rule))
+
+
+def _omniscient_vs_secure(config: Config) -> str | None:
+    mode, attack = _sum_hiding(config), _omniscient_attack(config)
+    if mode == "none" or attack is None:
+        return None
+    return (f"attack.name={attack} is a simulated omniscient attack: the server hands the adversary every plaintext "
+            f"update, which secure.mode={mode} hides. Use secure.mode=none, or a client-side attack (label-flip, "
+            "backdoor, scaling, sign-flip, gaussian).")
+
+
+def _client_dp_vs_robust(config: Config) -> str | None:
+    dp_mode, rule = getattr(getattr(config, "dp", None), "mode", "none"), _robust_rule(config)
+    if dp_mode != "client" or rule == "none":
+        return None
+    return (f"dp.mode=client adds noise to the sum of clipped updates, but robust.rule={rule} is not a sum. Clipping "
+            "already bounds each client's influence: use robust.rule=none with dp.mode=client.")
+
+
+#: every combination of mechanisms that cannot work, checked once before any family builds its part:
+#: (what, check) where ``check(config)`` returns the refusal's text or None
+INCOMPATIBLE: list[tuple[str, Callable[[Config], str | None]]] = [
+    ("robust rule x secure sum", _robust_vs_secure),
+    ("omniscient attack x secure sum", _omniscient_vs_secure),
+    ("client-level DP x robust rule", _client_dp_vs_robust),
+]
+
+
+def check_compatibility(config: Config) -> None:
+    """Refuse the first combination of :data:`INCOMPATIBLE` the configuration makes."""
+    for _, check in INCOMPATIBLE:
+        problem = check(config)
+        if problem:
+            raise ConfigurationError(problem)
 
 
 def build_task(config: Config, train: ArrayDataset) -> Task:
@@ -89,16 +171,21 @@ def build_trainer(ctx: BuildContext) -> LocalSGD:
         steps_limit=t.max_steps or None,
         sampler=ShuffledEpochs(t.epochs, t.batch_size),
     )
-    for hook in TRAINER_HOOKS:
+    import fedguard.plugins  # noqa: F401  (every family's hooks, whatever was imported before)
+
+    for hook in ordered(TRAINER_HOOKS):
         trainer = hook(trainer, ctx)
     return trainer
 
 
 def build_pipeline(ctx: BuildContext) -> UpdatePipeline:
     """The update pipeline for the configuration, validated."""
+    import fedguard.plugins  # noqa: F401  (every family's hooks, whatever was imported before)
+
     s = ctx.config.server
+    check_compatibility(ctx.config)
     parts = PipelineParts(aggregator=FedAvg(s.weighting, ctx.client_sizes))
-    for hook in PIPELINE_HOOKS:
+    for hook in ordered(PIPELINE_HOOKS):
         hook(parts, ctx)
     if isinstance(parts.aggregator, FedAvg) and parts.aggregator.registered is None:
         parts.aggregator.registered = tuple(ctx.client_sizes)  # claims above a client's registration are refused

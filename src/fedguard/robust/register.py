@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from fedguard.builders import PIPELINE_HOOKS, BuildContext, PipelineParts
 from fedguard.config import option, register_section
 from fedguard.core.pipeline import ConfigurationError
-from fedguard.secure.register import refusal
 
 from .aggregators import RobustAggregator
 from .defenses import (
@@ -158,20 +157,11 @@ def robust_aggregator(ctx: BuildContext) -> RobustAggregator | None:
 
 
 def _robust_hook(parts: PipelineParts, ctx: BuildContext) -> None:
-    """Install :func:`robust_aggregator`; refuse it next to secure aggregation or encryption."""
+    """Install :func:`robust_aggregator` in place of the plaintext aggregator."""
     aggregator = robust_aggregator(ctx)
     if aggregator is None:
         return
-    r = ctx.config.robust
-    mode = getattr(getattr(ctx.config, "secure", None), "mode", "none")
-    if mode != "none" or parts.aggregator.hides_individual_updates:
-        if r.rule == "none":
-            raise ConfigurationError(
-                f"attack.name={ctx.config.attack.name} is a simulated omniscient attack: the server hands the "
-                f"adversary every plaintext update, which secure.mode={mode} hides. Use secure.mode=none, or a "
-                "client-side attack (label-flip, backdoor, scaling, sign-flip, gaussian)."
-            )
-        raise refusal(mode, r.rule)
+    # next to secure aggregation: refused once, by fedguard.builders.INCOMPATIBLE (and UpdatePipeline.validate)
     parts.aggregator = aggregator
 
 
