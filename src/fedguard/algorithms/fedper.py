@@ -33,7 +33,8 @@ class FedPer(ModelDelta):
         self.head = head
 
     def head_names(self, params: Params) -> list[str]:
-        """The parameter names that form the local head (the last ``head`` in model order)."""
+        """The parameter names that form the local head: the last ``head`` of ``params``, which must be
+        in the model's order (``named_parameters()``; a received message's tensors are not)."""
         names = list(params)
         if self.head >= len(names):
             raise ConfigurationError(f"algorithm.fedper_head = {self.head} leaves no shared body in a model of "
@@ -57,11 +58,11 @@ class FedPer(ModelDelta):
         """The global body with this client's own head (the global head before its first round)."""
         w = model_part(received)
         own = unprefixed(HEAD, ctx.state)
-        return {k: own[k].to(local.device) if k in own else v for k, v in w.items()}
+        return {k: own[k].to(local.device) if k in own else w[k] for k, _ in local.model.named_parameters()}
 
     def client_update(self, received: Params, ctx: Any, local: LocalTraining) -> ClientResult:
         start = self._personal(received, ctx, local)
-        head = set(self.head_names(start))
+        head = set(self.head_names(dict(local.model.named_parameters())))
         trained, metrics = local.train(start, ctx.generator)
         with torch.no_grad():
             update = {k: (trained[k] - start[k]).cpu() for k in start if k not in head}
