@@ -1,9 +1,11 @@
 """Differential-privacy benchmarks: sample-level accuracy, the client-level curve, DP-SGD overhead.
 
 * ``dp-sample``: full MNIST, 100 clients by label-Dirichlet 0.5, CNN-S, DP-SGD with every client's
-  epsilon at most 3 (delta 1e-5), noise split among the clients (distributed, one DP-SGD step
-  per round, the sum through SecAgg+). ``dp-sample-local``: the same with each client adding all
-  of its noise (no trust in anyone), at the same epsilon.
+  epsilon at most 3 against the server and model users alike (delta 1e-5; the Poisson masks are
+  each client's secret), noise from the secure source split among the clients (distributed, one
+  DP-SGD step per round, the sum through SecAgg+), shares sized so that the noise of all but one
+  colluding client of the fewest survivors (secure.min_survivors=90) gives the epsilon.
+  ``dp-sample-local``: the same with each client adding all of its noise (no trust in anyone).
 * ``dp-client``: W1's 1,000 clients, DP-FedAvg at three noise multipliers: the accuracy-epsilon
   curve, epsilon from the ledger.
 * ``dp-overhead``: one local epoch of DP-SGD (fast per-example clipping) against the same
@@ -24,6 +26,7 @@ from fedguard import Config, Experiment
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
 from fedguard.data.registry import load_dataset
 from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan
+from fedguard.privacy.noise import SecureRandom
 from fedguard.privacy.per_example import FastClippedSum, VmapClippedSum
 from fedguard.tasks.classification import ClassificationTask
 from fedguard.tasks.models import cnn_s
@@ -54,12 +57,16 @@ DP_SAMPLE = {
     "server.momentum": 0.9,
     "secure.mode": "secagg",
     "secure.clip": 2.0,
+    "secure.min_survivors": 90,
+    "dp.colluding_clients": 1,
+    "dp.noise_source": "secure",
     "run.rounds": 100,
     "run.eval_every": 10,
 }
 
 #: sample-level DP with all of each client's noise added on the client
-DP_SAMPLE_LOCAL = {**DP_SAMPLE, "dp.noise_placement": "local", "secure.mode": "none", "secure.clip": 1.0}
+DP_SAMPLE_LOCAL = {**DP_SAMPLE, "dp.noise_placement": "local", "secure.mode": "none", "secure.clip": 1.0,
+                   "secure.min_survivors": 0}
 
 #: client-level DP on W1's partition (1,000 clients, Dirichlet 0.5, seed 0), 100 per round
 DP_CLIENT = {
@@ -114,8 +121,11 @@ def sample_level(cfg: dict[str, Any], name: str, args: argparse.Namespace) -> di
     final = result.final
     return {
         "accuracy": final["test_accuracy"],
+        "epsilon_server": final["epsilon_server"],
+        "epsilon_model": final["epsilon_model"],
         "epsilon_max": final["epsilon"],
         "delta": final["delta"],
+        "noise_source": final["dp_noise_source"],
         "noise_multiplier": final["dp_noise_multiplier"],
         "sampling_rate": final["dp_sampling_rate"],
         "steps": final["dp_steps"],
@@ -147,6 +157,8 @@ def dp_client(args: argparse.Namespace) -> dict[str, Any]:
         points.append({
             "noise_multiplier": z,
             "epsilon": final["epsilon"],
+            "epsilon_model": final["epsilon_model"],
+            "epsilon_server": final["epsilon_server"],
             "accuracy": final["test_accuracy"],
             "delta": final["delta"],
             "rounds": final["rounds"],
@@ -182,7 +194,7 @@ def overhead(args: argparse.Namespace, norm: str, batch: int, repeats: int, engi
     n = len(data)
     plain = LocalSGD(lr=0.05, sampler=ShuffledEpochs(1, batch))
     clipped = FastClippedSum(model, task.loss) if engine == "fast" else VmapClippedSum(model, task.loss)
-    dpsgd = DPSGD(DPSGDPlan(1.0, 1.0, sample_rate=batch / n, epochs=1), clipped)
+    dpsgd = DPSGD(DPSGDPlan(1.0, 1.0, sample_rate=batch / n, epochs=1), clipped, SecureRandom())
     private = LocalSGD(lr=0.05, sampler=dpsgd.sample, gradient=dpsgd.gradient)
     _epoch_seconds(plain, task, model, params, data, 0)  # warm-up
     _epoch_seconds(private, task, model, params, data, 0)
@@ -192,7 +204,8 @@ def overhead(args: argparse.Namespace, norm: str, batch: int, repeats: int, engi
         dp_s.append(_epoch_seconds(private, task, model, params, data, rep))
     dp_med, plain_med = statistics.median(dp_s), statistics.median(plain_s)
     return {"dp_epoch_s": round(dp_med, 4), "plain_epoch_s": round(plain_med, 4), "ratio": round(dp_med / plain_med, 3),
-            "examples": n, "batch": batch, "norm": norm, "engine": engine, "repeats": repeats}
+            "examples": n, "batch": batch, "norm": norm, "engine": engine, "repeats": repeats,
+            "noise_source": dpsgd.source.name}
 
 
 def dp_overhead(args: argparse.Namespace) -> dict[str, Any]:
