@@ -33,10 +33,11 @@ def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
         raise ValueError(f"need eps >= 0 and 0 <= delta <= 1, got {eps}, {delta}")
     q = 1.0 / (1.0 + math.exp(-eps))  # the accuracy of eps-DP randomized response
     tail = float(stats.binom.sf(v - 1, r, q))  # P[Binomial(r, q) >= v]
-    alpha, below = 0.0, 0.0  # below = P[v > Binomial(r, q) >= v - i]
-    for i in range(1, v + 1):
-        below += float(stats.binom.pmf(v - i, r, q))
-        alpha = max(alpha, below / i)
+    if v == 0 or delta == 0:
+        return min(tail, 1.0)
+    i = np.arange(1, v + 1)
+    below = np.cumsum(stats.binom.pmf(v - i, r, q))  # P[v > Binomial(r, q) >= v - i], i = 1..v
+    alpha = float(np.max(below / i))
     return min(tail + alpha * delta * 2 * m, 1.0)
 
 
@@ -82,7 +83,7 @@ class GuessResult:
 
 def default_grid(m: int) -> list[tuple[int, int]]:
     """(k+, k-) pairs tried: guess a few percent up to half of the canaries, both sides or "in" only."""
-    sizes = sorted({max(1, int(m * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.5)})
+    sizes = sorted({max(1, int(m * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)})
     return [(k, k) for k in sizes if 2 * k <= m] + [(k, 0) for k in sizes]
 
 

@@ -72,6 +72,24 @@ def _cmd_membership(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dp(args: argparse.Namespace) -> int:
+    from .dp_audit import VARIANTS, audit_dp
+
+    config = _config(args)
+    variants = list(VARIANTS) if args.variant == "all" else [args.variant]
+    rows = [audit_dp(config, v, args.canaries, args.magnitude).row() for v in variants]
+    out = _out(args, "dp")
+    _write(out, "dp_audit", {"audits": rows})
+    for row in rows:
+        verdict = "BROKEN: the claim is refuted" if row["epsilon_lower_bound"] > row["epsilon_claimed"] else \
+            "consistent with the claim"
+        print(f"{row['mode']:6s} {row['variant']:12s} ledger epsilon {row['epsilon_claimed']:.3f}  audited lower bound "
+              f"{row['epsilon_lower_bound']:.3f} (95%, {row['correct']}/{row['guesses']} guesses right, "
+              f"{row['canaries']} canaries): {verdict}")
+    print(f"  figures {out / 'dp_audit.json'}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="TOML configuration of the run to attack (every option has a default)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -101,3 +119,14 @@ def add_audit_commands(sub: argparse._SubParsersAction) -> None:
     _common(mem)
     mem.add_argument("--shadows", type=int, default=4, help="shadow runs for offline LiRA (0: loss threshold only)")
     mem.set_defaults(func=_cmd_membership)
+    dp = attacks.add_parser(
+        "dp", help="one-run canary audit of the configured DP mechanism: empirical epsilon lower bound vs the ledger",
+        description="Steinke, Nasr, Jagielski 2023: gradient canaries each included with probability 1/2, one run of "
+                    "the configured dp.mode (sample or client), the lower bound at 95%% confidence beside the ledger's "
+                    "epsilon. --variant no-clip / seeded-noise audits deliberately broken mechanisms.")
+    _common(dp)
+    dp.add_argument("--canaries", type=int, default=1000, help="number of canaries m (default 1000)")
+    dp.add_argument("--magnitude", type=float, default=0.0, help="canary gradient norm (default 100 x dp.clip)")
+    dp.add_argument("--variant", default="correct", choices=["correct", "no-clip", "seeded-noise", "all"],
+                    help="the mechanism as configured, or a broken variant (all: the three)")
+    dp.set_defaults(func=_cmd_dp)
