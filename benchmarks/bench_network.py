@@ -109,7 +109,7 @@ def _socket_received(port: int) -> dict[str, int]:
 
 def _memory_mb(pids: list[int]) -> dict[str, float]:
     """Median RSS and total PSS of the given processes, in MiB."""
-    rss, pss = [], []
+    rss, pss, uss = [], [], []
     for pid in pids:
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
@@ -118,9 +118,11 @@ def _memory_mb(pids: list[int]) -> dict[str, float]:
         fields = dict(re.findall(r"^(\w+):\s+(\d+) kB", text, re.M))
         rss.append(int(fields.get("Rss", 0)) / 1024)
         pss.append(int(fields.get("Pss", 0)) / 1024)
+        uss.append((int(fields.get("Private_Clean", 0)) + int(fields.get("Private_Dirty", 0))) / 1024)
     return {
         "client_rss_mb_median": round(statistics.median(rss), 1) if rss else float("nan"),
         "clients_pss_mb_total": round(sum(pss), 1),
+        "client_uss_mb_median": round(statistics.median(uss), 1) if uss else float("nan"),
     }
 
 
@@ -252,7 +254,7 @@ def net_50(args: Any) -> dict[str, Any]:
     socket_bytes, net_cpu = _watch_rounds(server, dep.port, rounds - 1, 1800, [zygote.popen.pid])
     peak = _peak_rss_mb(pids)  # before the last round ends and the clients exit
     server.wait_for(rf"round {rounds} fit: ", 1800)
-    memory_end = _memory_mb(pids)
+    memory_end = _memory_mb(pids)  # at the last round
     rc = _finish(dep, server, 600)
     zygote.close()
 
@@ -287,7 +289,9 @@ def net_50(args: Any) -> dict[str, Any]:
         "client_import_s": import_s,
         "client_peak_rss_mb": round(statistics.median(peak), 1) if peak else None,
         "client_peak_rss_mb_max": max(peak) if peak else None,
-        "client_pss_mb_median_end": round(memory_end["clients_pss_mb_total"] / max(1, len(pids)), 1),
+        "client_pss_mb_mean_end": round(memory_end["clients_pss_mb_total"] / max(1, len(pids)), 1),
+        "client_uss_mb_median_end": memory_end["client_uss_mb_median"],
+        "client_rss_mb_median_end": memory_end["client_rss_mb_median"],
         "client_startup_s": round(startup_s, 1),
         **memory,
         "server_exit_code": rc,

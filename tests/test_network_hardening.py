@@ -213,3 +213,17 @@ def test_handshake_failures_become_refusal_lines() -> None:
     finally:
         tlslog.unsubscribe(seen.append)
     assert seen == [tlslog.CAUSES[0][1]] and "--cert" in seen[0]
+
+
+def test_a_task_stream_its_client_stops_reading_is_evicted(server: NetworkCommunicator, pki: Path) -> None:
+    """A client that opens its task stream and never reads it would hold the handler thread
+    that sends to it (flow control blocks the send); the stream is evicted after idle_s."""
+    client = _raw(server, pki, 0)
+    client.join()
+    stream = client.tasks_rpc(client.poll())  # opened, never read
+    big = {"w": torch.zeros(16 << 20)}  # 64 MiB: more than HTTP/2 lets through unread
+    t0 = time.monotonic()
+    result = server.exchange({0: Message("fit", 1, 0, {}, big)})
+    assert "connection lost" in result.failed[0] and time.monotonic() - t0 < 18  # deadline 20 s
+    assert server.refusals["deadline"] == 1 and server.guard.evicted == 1
+    stream.cancel()
