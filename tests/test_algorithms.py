@@ -275,3 +275,11 @@ def test_one_compatibility_table_refuses_before_any_family_builds(overrides, mat
     config = Config.load(None, overrides)
     with pytest.raises(ConfigurationError, match=match):
         check_compatibility(config)
+
+
+@pytest.mark.parametrize("secure", [["secure.mode=secagg", "server.weighting=uniform"], ["secure.mode=ckks"]])
+def test_scaffold_payload_goes_through_secure_aggregation(tmp_path, secure):
+    """The control-variate part of the payload is masked (or encrypted) and summed like the model update."""
+    over = [*TINY, "algorithm.name=scaffold", "run.workers=1", "run.rounds=2", "secure.clip=5", *secure]
+    result = Experiment(overrides=over).run(run_dir=tmp_path / "run")
+    assert all(r["completed_clients"] == 4 and r["aborted"] is None for r in result.rows)
