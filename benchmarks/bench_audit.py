@@ -10,7 +10,7 @@
   images (batch 8, 5 local epochs), both by Inverting Gradients. Pictures under
   ``benchmarks/results/audit/``.
 * ``membership``: the released global model of a federated run (10 clients, iid, an MLP trained
-  to overfit: 10 rounds of 2 local epochs) on a random half of 4,000 MNIST training images
+  to overfit: 20 rounds of 5 local epochs; the DP run 10 rounds of 2) on a random half of 4,000 MNIST training images
   (2,000 members, the other half the non-members; sized for this shared machine): loss threshold
   and offline LiRA (2 shadow runs on the test set), and the server's attack on client 0's next
   update; plain and DP-SGD at epsilon 3 (RDP accountant).
@@ -124,15 +124,15 @@ MEMBERSHIP = {
     "data.partition": "iid",
     "task.model": "mlp",
     "train.batch_size": 32,
-    "train.epochs": 2,
+    "train.epochs": 5,
     "train.lr": 0.05,
     "train.momentum": 0.9,
-    "run.rounds": 10,
+    "run.rounds": 20,
     "run.seed": 0,
 }
 MEMBERSHIP_DP = {"dp.mode": "sample", "dp.target_epsilon": 3.0, "dp.delta": 1e-5, "dp.clip": 1.0,
                  "dp.accountant": "rdp",
-                 "train.momentum": 0.0, "train.lr": 0.5}
+                 "train.momentum": 0.0, "train.lr": 0.5, "train.epochs": 2, "run.rounds": 10}
 
 
 def membership(args: argparse.Namespace) -> dict[str, Any]:
