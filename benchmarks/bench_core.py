@@ -204,6 +204,7 @@ def inner_bare(name: str, data_dir: str, extra: dict[str, object], limit: bool =
         "cpu_s": _cpu_s(),
         "peak_rss_mb": mem.mb,
         "accuracy": acc,
+        "round_examples": [int(sum(len(setup.parts[c]) for c in sampled)) for sampled in schedule],
         **({"procs": usable_cores()} if limit else {}),
     }
 
@@ -232,7 +233,17 @@ def _repeats(args: argparse.Namespace) -> int:
     return int(sets.get(REPEATS, 1 if args.quick else 3))
 
 
-def _spread(runs: list[dict[str, object]], prefix: str) -> dict[str, object]:
+def first_round_excess(round_s: list[float], examples: list[int]) -> float:
+    """The first round's seconds per example over the median round's (1.0: no first-round penalty).
+
+    Rounds of W1 sample different clients, hence train different numbers of examples (its first
+    round trains 6.7% more than the median one): per example, the comparison is like for like.
+    """
+    per_example = [s / n for s, n in zip(round_s, examples, strict=True)]
+    return per_example[0] / statistics.median(per_example)
+
+
+def _spread(runs: list[dict[str, object]], prefix: str, examples: list[int]) -> dict[str, object]:
     """Median, min and max over repeats of each repeat's median round; first round; CPU; per-round seconds."""
     medians = [statistics.median(r["round_s"]) for r in runs]
     return {
@@ -240,6 +251,9 @@ def _spread(runs: list[dict[str, object]], prefix: str) -> dict[str, object]:
         f"{prefix}min_round_s": round(min(medians), 4),
         f"{prefix}max_round_s": round(max(medians), 4),
         f"{prefix}first_round_s": round(statistics.median(r["round_s"][0] for r in runs), 4),
+        f"{prefix}first_round_excess": round(
+            statistics.median(first_round_excess(r["round_s"], examples) for r in runs), 3
+        ),
         f"{prefix}total_wall_s": round(statistics.median(r["total_wall_s"] for r in runs), 2),
         f"{prefix}cpu_s": round(statistics.median(r["cpu_s"] for r in runs), 2),
         f"{prefix}peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
@@ -260,7 +274,8 @@ def speed_benchmark(name: str, args: argparse.Namespace, one_thread: bool = Fals
     engine's own overhead from the parallel speed-up (no limit side: at one thread it is the bare loop).
 
     A side's speed is the median over repeats of each repeat's median round (min and max over
-    repeats beside it); ``ratio`` is engine over bare loop, ``limit_ratio`` engine over limit.
+    repeats beside it); ``ratio`` is engine over bare loop, ``limit_ratio`` engine over limit;
+    ``first_round_excess`` the first round's seconds per example over the median round's.
     """
     extra: dict[str, object] = {"run.rounds": 3 if name == "w1" else 1} if args.quick else {}
     if one_thread:
@@ -270,15 +285,16 @@ def speed_benchmark(name: str, args: argparse.Namespace, one_thread: bool = Fals
     for _ in range(_repeats(args)):
         for side in sides:
             runs[side].append(_spawn(side, name, args, extra))
-    engines = runs["engine"]
-    figures: dict[str, object] = {"name": f"{name}-1thread" if one_thread else name, **_spread(engines, "")}
+    engines, examples = runs["engine"], runs["bare"][0]["round_examples"]
+    figures: dict[str, object] = {"name": f"{name}-1thread" if one_thread else name, **_spread(engines, "", examples)}
     figures["startup_s"] = round(statistics.median(e["startup_s"] for e in engines), 3)
-    figures.update(_spread(runs["bare"], "bare_"))
+    figures.update(_spread(runs["bare"], "bare_", examples))
     figures["ratio"] = round(figures["median_round_s"] / figures["bare_median_round_s"], 3)
     if not one_thread:
-        figures.update(_spread(runs["limit"], "limit_"))
+        figures.update(_spread(runs["limit"], "limit_", examples))
         figures["limit_ratio"] = round(figures["median_round_s"] / figures["limit_median_round_s"], 3)
         figures["limit_procs"] = runs["limit"][0]["procs"]
+    figures["round_examples"] = examples
     figures["repeats"] = len(engines)
     figures["config"] = engines[0]["config"]
     return figures
