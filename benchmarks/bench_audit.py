@@ -6,7 +6,9 @@
   (the 16 images are 16 clients' single-image updates in two rounds of 10 clients, the second
   topped up with 4 other clients; the server sees each round's sum and runs Inverting Gradients
   on it as a batch of 10, each victim image scored against its best match). The noise floor is a uniform
-  random image against the truth. Also batch 8 (one step) and a 5-step FedAvg update on 8
+  random image against the truth. Also client-level DP (DP-FedAvg, z 1, central noise: the server
+  sees each clipped update before it adds the noise) and local DP (sigma 1, clip 1) under
+  ``other_mechanisms``, batch 8 (one step) and a 5-step FedAvg update on 8
   images (batch 8, 5 local epochs), both by Inverting Gradients. Pictures under
   ``benchmarks/results/audit/``.
 * ``membership``: the released global model of a federated run (10 clients, iid, an MLP trained
@@ -54,6 +56,10 @@ INVERSION = {
 }
 DP_SAMPLE = {"dp.mode": "sample", "dp.noise_multiplier": 1.0, "dp.clip": 1.0, "dp.noise_placement": "local"}
 SECAGG = {"secure.mode": "secagg", "server.clients_per_round": 10}
+#: client-level DP (central noise: the server adds it after it has seen each update) and local DP
+DP_CLIENT = {"dp.mode": "client", "dp.noise_multiplier": 1.0, "dp.clip": 1.0, "dp.noise_placement": "central",
+             "server.weighting": "uniform"}
+DP_LOCAL = {"dp.mode": "local", "dp.noise_multiplier": 1.0, "dp.clip": 1.0, "server.weighting": "uniform"}
 BATCH8 = {"train.batch_size": 8}
 FEDAVG5 = {"train.batch_size": 8, "train.max_steps": 0, "train.epochs": 5}
 
@@ -81,13 +87,16 @@ def inversion(args: argparse.Namespace) -> dict[str, Any]:
         "plain": (_config(args), images, ig),
         "dp_sample": (_config(args, DP_SAMPLE), images, ig),
         "secagg": (_config(args, SECAGG), images, ig_secagg),
+        "dp_client": (_config(args, DP_CLIENT), images, ig),
+        "dp_local": (_config(args, DP_LOCAL), images, ig),
         "batch8": (_config(args, BATCH8), images, ig),
         "fedavg5": (_config(args, FEDAVG5), min(images, 8), ig_multi),
     }
     runs = {}
     for name, (config, count, budget) in plan.items():
-        budget = InvertingGradientsConfig(budget.iterations, dlg_restarts if name in ("plain", "dp_sample")
-                                          else budget.restarts, budget.lr, budget.tv, budget.seed, budget.warm_start)
+        single = name in ("plain", "dp_sample", "dp_client", "dp_local")
+        budget = InvertingGradientsConfig(budget.iterations, dlg_restarts if single else budget.restarts, budget.lr,
+                                          budget.tv, budget.seed, budget.warm_start)
         runs[name] = attack_run(config, count, name, ig=budget, dlg_iterations=dlg_iterations)
         print(f"[inversion] {name}: median PSNR {statistics.median(runs[name].psnr):.2f} dB "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -98,9 +107,12 @@ def inversion(args: argparse.Namespace) -> dict[str, Any]:
                         "noise_floor": round(statistics.median(floor_psnr), 3)},
         "ssim_median": {**{k: round(statistics.median(runs[k].ssim), 4) for k in headline},
                         "noise_floor": round(statistics.median(floor_ssim), 4)},
+        "other_mechanisms": {k: {"psnr_median": round(statistics.median(runs[k].psnr), 3),
+                                 "ssim_median": round(statistics.median(runs[k].ssim), 4)}
+                             for k in ("dp_client", "dp_local")},
         "batch8": runs["batch8"].summary(),
         "fedavg5": runs["fedavg5"].summary(),
-        "runs": {k: runs[k].summary() for k in headline},
+        "runs": {k: runs[k].summary() for k in (*headline, "dp_client", "dp_local")},
         "noise_floor": {"psnr": [round(v, 2) for v in floor_psnr], "ssim": [round(v, 4) for v in floor_ssim]},
         "attack_settings": {"inverting_gradients": describe(ig), "inverting_gradients_secagg": describe(ig_secagg),
                             "inverting_gradients_fedavg5": describe(ig_multi),
