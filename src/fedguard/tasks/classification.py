@@ -20,7 +20,11 @@ class ClassificationTask(Task):
     """Classification with a user's (or a built-in) model and loss.
 
     ``model_fn`` builds a fresh model; ``loss_fn(logits, labels)`` returns the mean loss
-    (default cross-entropy). Evaluation reports ``loss`` and ``accuracy``.
+    (default cross-entropy). Evaluation reports ``loss`` and ``accuracy``, in batches of
+    ``eval_batch_size``: 128 keeps each activation under glibc's mmap threshold (32 MiB at most),
+    so evaluation reuses heap memory instead of page-faulting fresh memory in every batch; for
+    CNN-M on the MNIST test set at one thread, batches of 1,000 cost 1.1-1.25 million page faults
+    and 25-30% more CPU than batches of 128 (interleaved A/B, 3 repeats).
     """
 
     name = "classification"
@@ -30,7 +34,7 @@ class ClassificationTask(Task):
         self,
         model_fn: Callable[[], nn.Module],
         loss_fn: LossFn = F.cross_entropy,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int = 128,
     ) -> None:
         self.model_fn = model_fn
         self.loss_fn = loss_fn
