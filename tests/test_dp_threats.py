@@ -242,3 +242,26 @@ def test_epsilon_against_the_server_and_against_model_users(tmp_path):
     acc = RdpAccountant()
     acc.compose(SelfComposedDpEvent(GaussianDpEvent(min(z) if isinstance(z, list) else z), 3))
     assert dist.final["epsilon_server"] <= acc.get_epsilon(dist.final["delta"]) + 1e-9
+
+
+def test_self_sampling_hides_the_sample_from_the_server(tmp_path):
+    """Every client is asked each round and flips its own secret coin; under SecAgg+ the server sees the
+    sum only, so the amplified epsilon holds against it too (epsilon_server == epsilon_model)."""
+    from fedguard.privacy.dpfedavg import SelfSample
+
+    overrides = [*TINY, "data.num_clients=8", "server.clients_per_round=4", "run.rounds=2", "dp.mode=client",
+                 "server.weighting=uniform", "dp.noise_multiplier=1.0", "dp.noise_placement=distributed",
+                 "secure.mode=secagg", "dp.client_sampling=self"]
+    setup = Experiment(overrides=overrides).assemble()
+    assert setup.sampler.sample(1) == list(range(8))  # nobody is picked by the server
+    step = setup.pipeline.client_steps[0]
+    assert isinstance(step, SelfSample) and step.rate == 0.5
+    kept = sum(bool(step.apply({"w": torch.ones(3)}, _ctx())["w"].any()) for _ in range(2000))
+    assert 900 < kept < 1100  # each client's own coin, rate 0.5
+    result = Experiment(overrides=overrides).run(run_dir=tmp_path / "self")
+    row = result.rows[-1]
+    assert row["sampled_clients"] == 8 and row["dp_sampling_rate"] == 0.5
+    assert 0 < row["epsilon_server"] == row["epsilon_model"] < math.inf
+    with pytest.raises(ConfigurationError, match="dp.client_sampling=self needs"):
+        Experiment(overrides=[*TINY, "dp.mode=client", "server.weighting=uniform", "dp.client_sampling=self"]
+                   ).assemble()

@@ -49,6 +49,8 @@ class ClientSampler:
     #: drawn once from them and remembered (set by dp.noise_source=secure; see fedguard.privacy.noise)
     coins: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
     _drawn: dict[int, list[int]] = field(default_factory=dict, repr=False)
+    #: a mechanism's own rule (round -> sorted ids), e.g. DP-FTRL's each-client-once-per-epoch order
+    chooser: Callable[[int], list[int]] | None = field(default=None, repr=False)
 
     def available(self, round: int) -> list[int]:
         """Clients that can be sampled in ``round``."""
@@ -72,6 +74,8 @@ class ClientSampler:
 
     def sample(self, round: int) -> list[int]:
         """Sorted ids of the clients sampled in ``round``."""
+        if self.chooser is not None:
+            return self.chooser(round)
         if self.coins is not None:
             if round not in self._drawn:
                 self._drawn[round] = self._secret_sample(round, self.coins)

@@ -15,8 +15,9 @@ class DPConfig:
         "none",
         "DP mechanism: none; sample (DP-SGD on each client: protects each example of a client's data); "
         "client (DP-FedAvg: protects each client's whole dataset); local (each client noises its own "
-        "update: no trust in the server).",
-        choices=["none", "sample", "client", "local"],
+        "update: no trust in the server); ftrl (DP-FTRL with tree aggregation, Kairouz et al. 2021: client-level, "
+        "no sampling, each client once per epoch of ceil(clients / clients_per_round) rounds).",
+        choices=["none", "sample", "client", "local", "ftrl"],
     )
     noise_source: str = option(
         "secure",
@@ -99,6 +100,15 @@ class DPConfig:
         "distributed: participants assumed to collude with the server (at least 1: a client knows its own "
         "share). The shares are sized so that the other clients' noise alone gives the reported epsilon.",
         min=0,
+    )
+    client_sampling: str = option(
+        "server",
+        "client: who draws each round's Poisson sample. server (its secret coins: amplification holds against "
+        "model users only) or self (every client is asked each round and flips its own secret coin with rate "
+        "server.clients_per_round / clients or server.fraction, sending a zero update, noise share included, when "
+        "not selected; needs distributed noise under secure.mode=secagg, so the server sees only the sum and "
+        "amplification holds against it too; every client trains each round).",
+        choices=["server", "self"],
     )
     adaptive_clip: bool = option(
         False,

@@ -133,6 +133,28 @@ class ClipUpdate(ClientStep):
         self.clip = float(state.get("clip", self.clip))
 
 
+class SelfSample(ClientStep):
+    """Client self-sampling: take part in the round with probability ``rate``, by the client's own secret coin.
+
+    A client that is not selected sends a zero update (its noise share is still added, in the ring),
+    so under secure aggregation the server learns only the sum and not who was in the sample: the
+    amplification by Poisson sampling then holds against the server as well (the sampling is the
+    clients', as in the distributed-DP setting of Kairouz, Liu, Steinke 2021).
+    """
+
+    name = "dp-self-sample"
+
+    def __init__(self, rate: float, source: Randomness | None = None) -> None:
+        self.rate = rate
+        self.source: Randomness = source or SecureRandom()
+
+    def apply(self, update: Params, ctx: ClientContext) -> Params:
+        """The update, or zeros when this client's coin says it sits the round out."""
+        if float(self.source.uniform(1, ctx.generator)[0]) < self.rate:
+            return update
+        return {k: torch.zeros_like(v) for k, v in update.items()}
+
+
 class DistributedNoise(ClientStep):
     """Distributed DP: each client adds its share ``N(0, (z S)^2 / shares)`` of the noise."""
 

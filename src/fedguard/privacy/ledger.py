@@ -250,6 +250,7 @@ class ClientLevelLedger(DPLedger):
         noise_of_round: Callable[[int], float],
         planned_noise: float,
         distributed: bool = False,
+        self_sampled: bool = False,
         **kwargs: Any,
     ) -> None:
         planner = lambda _: [(GaussianStep(planned_noise, sampling_rate), 1)]  # noqa: E731
@@ -258,6 +259,8 @@ class ClientLevelLedger(DPLedger):
         self.per_party = False
         #: distributed noise under SecAgg+ (the server never sees an update without the others' noise)
         self.distributed = distributed
+        #: client self-sampling under SecAgg+: the server does not know the sample, amplification holds against it
+        self.self_sampled = self_sampled
         #: per client: the un-amplified releases it took part in (what the server, knowing the sample, sees)
         self.server_histories: dict[int, History] = {}
 
@@ -265,9 +268,13 @@ class ClientLevelLedger(DPLedger):
         """Against the server, who picks and sees the sample: no amplification by sampling.
 
         Central noise: the server sees every clipped update before it adds the noise, so nothing holds
-        against it (``epsilon_server`` inf). Distributed noise under SecAgg+: each client is charged,
-        for every round it completed, one un-amplified Gaussian release at the round's honest noise.
+        against it (``epsilon_server`` inf). Client self-sampling under SecAgg+: the server never learns
+        the sample, so the amplified population figure holds against it too. Distributed noise under
+        SecAgg+ with the server's sample: each client is charged, for every round it completed, one
+        un-amplified Gaussian release at the round's honest noise.
         """
+        if self.self_sampled and self.distributed:
+            return {"epsilon_server": self.worst()[1]}
         if not self.distributed:
             return {"epsilon_server": math.inf,
                     "epsilon_server_note": "the server is trusted: it sees each clipped update before adding noise"}

@@ -28,8 +28,16 @@ from fedguard.pipeline.base import ClientStep, ConfigurationError
 from fedguard.privacy.accountant import GaussianStep, calibrate_noise, default_delta, epsilon, history_of
 from fedguard.privacy.config import DPConfig
 from fedguard.privacy.distributed import DiscreteGaussianRingNoise, check_tau, headroom_bits
-from fedguard.privacy.dpfedavg import AdaptiveClip, ClipUpdate, DistributedNoise, DPFedAvgNoise, update_noise_multiplier
+from fedguard.privacy.dpfedavg import (
+    AdaptiveClip,
+    ClipUpdate,
+    DistributedNoise,
+    DPFedAvgNoise,
+    SelfSample,
+    update_noise_multiplier,
+)
 from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan, DPSGDReport
+from fedguard.privacy.ftrl import EpochSampler, TreeLedger, TreeNoise
 from fedguard.privacy.ledger import ClientLevelLedger, DPLedger, LocalLedger, SampleLevelLedger
 from fedguard.privacy.local_dp import LocalGaussian, PublicReply
 from fedguard.privacy.noise import NOT_A_GUARANTEE, Randomness, randomness, secure_uniform
@@ -85,7 +93,13 @@ def check_settings(ctx: BuildContext) -> None:
             "so whoever sees an individual update (or decrypts the sum, under CKKS) sees it almost un-noised. "
             "Set secure.mode=secagg, or dp.noise_placement=central (client) / local (sample)."
         )
-    if dp.mode == "client" and dp.noise_placement in ("auto", "central") and secure == "ckks":
+    if dp.client_sampling == "self" and (dp.mode != "client" or dp.noise_placement != "distributed"):
+        raise ConfigurationError(
+            "dp.client_sampling=self needs dp.mode=client with dp.noise_placement=distributed (and "
+            "secure.mode=secagg): otherwise the server sees which clients sent a zero update, i.e. the sample. Set "
+            "dp.client_sampling=server, or use distributed noise under SecAgg+."
+        )
+    if dp.mode in ("client", "ftrl") and dp.noise_placement in ("auto", "central") and secure == "ckks":
         raise ConfigurationError(
             "dp.mode=client with central noise and secure.mode=ckks: the key holder decrypts the sum before the "
             "server adds noise, so it sees the un-noised sum. Use secure.mode=secagg with "
@@ -150,6 +164,23 @@ def client_sampling_rate(ctx: BuildContext) -> float:
     return sampler.sampling_rate
 
 
+def client_rate(ctx: BuildContext) -> float:
+    """Client-level sampling rate q; with self-sampling, the server then asks every client each round."""
+    if ctx.config.dp.client_sampling != "self":
+        return client_sampling_rate(ctx)
+    sampler, server = ctx.sampler, ctx.config.server
+    rate = min(1.0, server.clients_per_round / sampler.population) if server.clients_per_round else server.fraction
+    sampler.count, sampler.fraction, sampler.poisson = 0, 1.0, False
+    return rate
+
+
+def noise_contributors(ctx: BuildContext) -> int:
+    """How many clients add a share of the distributed noise in a round (expected)."""
+    if ctx.config.dp.client_sampling == "self":
+        return ctx.sampler.population
+    return max(1, round(client_rate(ctx) * ctx.sampler.population))
+
+
 def client_noise(ctx: BuildContext) -> float:
     """The (total) noise multiplier for client-level or local DP, calibrated if targeted."""
     dp = ctx.config.dp
@@ -157,7 +188,7 @@ def client_noise(ctx: BuildContext) -> float:
         return dp.noise_multiplier
     rounds, delta = ctx.config.run.rounds, resolve_delta(ctx)
     if dp.mode == "client":
-        q = client_sampling_rate(ctx)
+        q = client_rate(ctx)
         plan = lambda s: history_of([(GaussianStep(s, q), rounds)])  # noqa: E731
         z = calibrate_noise(plan, dp.target_epsilon, delta, dp.accountant)
     else:  # local: the most-sampled client's rounds, at multiplier sigma / 2
@@ -335,7 +366,7 @@ def _adaptive_clip(ctx: BuildContext, z: float, expected: float) -> tuple[Adapti
 def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     _check_client_level(parts, ctx)
     dp = ctx.config.dp
-    q = client_sampling_rate(ctx)
+    q = client_rate(ctx)
     expected = q * ctx.sampler.population
     z = client_noise(ctx)
     adaptive, z_update = _adaptive_clip(ctx, z, expected)
@@ -344,16 +375,19 @@ def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     steps: list[ClientStep] = [clip]
     noise_of_round = lambda completed: z  # noqa: E731
     if dp.noise_placement == "distributed":
-        shares = distributed_shares(ctx, max(1, round(expected)))
+        shares = distributed_shares(ctx, noise_contributors(ctx))
         if not ring_noise_applies(ctx):  # under SecAgg+ the noise is discrete, added in the ring
             steps.append(DistributedNoise(z, shares, dp.clip, source))
         scale = _charged_scale(ctx, shares)
         noise_of_round = lambda completed: z * scale(completed)  # noqa: E731
         z_update = 0.0
+    if dp.client_sampling == "self":
+        steps.insert(0, SelfSample(q, source))
     parts.client_steps[0:0] = steps
     parts.server_steps.insert(0, DPFedAvgNoise(clip, z_update, expected, source))
     parts.ledger = ClientLevelLedger(resolve_delta(ctx), dp.accountant, q, noise_of_round, z,
                                      distributed=dp.noise_placement == "distributed",
+                                     self_sampled=dp.client_sampling == "self",
                                      budget=dp.budget_epsilon, sampler=ctx.sampler)
     if dp.noise_placement == "distributed":
         _plan_at_fewest(parts.ledger, ctx)
@@ -381,7 +415,7 @@ def _ring_noise_hook(ctx: BuildContext) -> DiscreteGaussianRingNoise | None:
         return None
     check_settings(ctx)
     dp, secure = ctx.config.dp, ctx.config.secure
-    expected = max(1, round(client_sampling_rate(ctx) * ctx.sampler.population))
+    expected = noise_contributors(ctx)
     shares, z = distributed_shares(ctx, expected), client_noise(ctx)
     dimension = sum(p.numel() for p in seeded_model(ctx.task, ctx.config.run.seed).parameters())
     bits = headroom_bits(z * max(1.0, dp.clip / secure.clip), shares)
@@ -399,6 +433,30 @@ def _ring_noise_hook(ctx: BuildContext) -> DiscreteGaussianRingNoise | None:
     return noise
 
 
+def _ftrl_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
+    """DP-FTRL (Kairouz et al. 2021): clip on the clients, tree-aggregated noise on the server."""
+    _check_client_level(parts, ctx)
+    dp, sampler = ctx.config.dp, ctx.sampler
+    if dp.target_epsilon > 0 or dp.adaptive_clip or dp.noise_placement == "distributed":
+        raise ConfigurationError(
+            "dp.mode=ftrl adds the tree's noise on the server with a fixed clip: dp.target_epsilon, dp.adaptive_clip "
+            "and dp.noise_placement=distributed are not available with it; set dp.noise_multiplier (and "
+            "dp.budget_epsilon) instead"
+        )
+    if sampler.join or sampler.leave:
+        raise ConfigurationError("dp.mode=ftrl takes every client once per epoch: faults.join/leave are not supported")
+    per_round = sampler.per_round(sampler.population)
+    epochs = EpochSampler(sampler.population, per_round, ctx.config.run.seed)
+    sampler.chooser = epochs
+    source = noise_source(ctx)
+    clip = ClipUpdate(dp.clip, per_round, None, source)
+    parts.client_steps.insert(0, clip)
+    parts.server_steps.insert(0, TreeNoise(clip, dp.noise_multiplier, per_round, epochs, source))
+    parts.ledger = TreeLedger(resolve_delta(ctx), dp.noise_multiplier, epochs, dp.budget_epsilon)
+    ctx.log(f"DP-FTRL: {epochs.rounds_per_epoch} rounds of {per_round} clients per tree, node noise "
+            f"{dp.noise_multiplier:g} x clip")
+
+
 def _pipeline_hook(parts: PipelineParts, ctx: BuildContext) -> None:
     """Add the configured mechanism's steps and its ledger."""
     mode = ctx.config.dp.mode
@@ -410,6 +468,8 @@ def _pipeline_hook(parts: PipelineParts, ctx: BuildContext) -> None:
         _client_pipeline(parts, ctx)
     elif mode == "local":
         _local_pipeline(parts, ctx)
+    elif mode == "ftrl":
+        _ftrl_pipeline(parts, ctx)
     if mode != "none" and hasattr(parts.ledger, "noise_source"):
         parts.ledger.noise_source = ctx.config.dp.noise_source
 
