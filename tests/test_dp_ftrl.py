@@ -60,7 +60,7 @@ def test_ledger_is_dp_accountings_tree_event():
     ledger = TreeLedger(1e-5, 1.5, EpochSampler(100, 10, 0))
     for r in range(1, 26):
         ledger.record_round(ServerContext(r, [], [], 100, torch.Generator()), [])
-    acc = RdpAccountant()
+    acc = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
     acc.compose(dp_accounting.ComposedDpEvent([
         dp_accounting.SelfComposedDpEvent(dp_accounting.SingleEpochTreeAggregationDpEvent(1.5, 10), 2),
         dp_accounting.SingleEpochTreeAggregationDpEvent(1.5, 5)]))

@@ -134,7 +134,8 @@ class TreeLedger(PrivacyLedger):
                 dp_accounting.SingleEpochTreeAggregationDpEvent(self.noise_multiplier, per_epoch), full))
         if rest:
             events.append(dp_accounting.SingleEpochTreeAggregationDpEvent(self.noise_multiplier, rest))
-        accountant = RdpAccountant()
+        # the paper's relation for tree aggregation: one record's contribution replaced by a special one
+        accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
         accountant.compose(dp_accounting.ComposedDpEvent(events))
         return float(accountant.get_epsilon(self.delta))
 
