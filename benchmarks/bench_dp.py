@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from pathlib import Path
@@ -106,6 +107,11 @@ QUICK_CLIENT = {
 }
 
 
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an epsilon that holds against nobody (the trusted server) is null."""
+    return value if math.isfinite(value) else None
+
+
 def _overrides(cfg: dict[str, Any], args: argparse.Namespace, extra: dict[str, Any] | None = None) -> list[str]:
     merged = {**cfg, "data.data_dir": args.data_dir, "run.progress": False, "run.report": False, **(extra or {})}
     return [f"{k}={v}" for k, v in merged.items()]
@@ -128,7 +134,7 @@ def sample_level(cfg: dict[str, Any], name: str, args: argparse.Namespace) -> di
     final = result.final
     return {
         "accuracy": final["test_accuracy"],
-        "epsilon_server": final["epsilon_server"],
+        "epsilon_server": _finite(final["epsilon_server"]),
         "epsilon_model": final["epsilon_model"],
         "epsilon_max": final["epsilon"],
         "delta": final["delta"],
@@ -165,7 +171,7 @@ def dp_client(args: argparse.Namespace) -> dict[str, Any]:
             "noise_multiplier": z,
             "epsilon": final["epsilon"],
             "epsilon_model": final["epsilon_model"],
-            "epsilon_server": final["epsilon_server"],
+            "epsilon_server": _finite(final["epsilon_server"]),
             "accuracy": final["test_accuracy"],
             "delta": final["delta"],
             "rounds": final["rounds"],
@@ -187,7 +193,7 @@ def dp_ftrl(args: argparse.Namespace) -> dict[str, Any]:
         points.append({
             "noise_multiplier": z,
             "epsilon_model": final["epsilon_model"],
-            "epsilon_server": final["epsilon_server"],
+            "epsilon_server": _finite(final["epsilon_server"]),
             "accuracy": final["test_accuracy"],
             "delta": final["delta"],
             "rounds": final["rounds"],
