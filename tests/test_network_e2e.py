@@ -29,7 +29,8 @@ pytestmark = pytest.mark.timeout(480)  # a loaded 2-core machine needs it; a han
 
 def _config(rounds: int, clients: int, examples: int, seed: int, **extra: dict[str, Any]) -> dict[str, Any]:
     config: dict[str, Any] = {
-        "run": {"name": "net", "rounds": rounds, "seed": seed, "report": False, "progress": False, "workers": "2"},
+        "run": {"name": "net", "rounds": rounds, "seed": seed, "report": False, "progress": False, "workers": "2",
+                "threads": 1},  # the server evaluates at the same threads in both runs, whatever earlier tests left
         "data": {"num_clients": clients, "max_train_examples": examples},
     }
     for section, values in extra.items():
