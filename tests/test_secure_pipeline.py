@@ -342,7 +342,9 @@ def test_clipping_and_distributed_dp_noise_combine_with_secagg(tmp_path) -> None
     setup = Experiment(overrides=[*SMALL, *dp, "secure.mode=secagg"]).assemble()
     assert isinstance(setup.pipeline.aggregator.settings.ring_noise, DiscreteGaussianRingNoise)
     assert [s.name for s in setup.pipeline.client_steps] == ["dp-clip"]
-    secure = Experiment(overrides=[*SMALL, *dp, "secure.mode=secagg"]).run(run_dir=tmp_path / "secure")
+    # in-process clients: a forked worker of this test died without a traceback twice in full-suite runs
+    # (2026-12-03; never when run alone or with its file); see the issue 13 note
+    secure = Experiment(overrides=[*SMALL, *dp, "secure.mode=secagg", "run.workers=1"]).run(run_dir=tmp_path / "secure")
     assert secure.rows[0]["client_secagg_saturated"] == 0.0 and secure.rows[0]["client_secagg_out_of_range"] == 0.0
     assert secure.final["epsilon"] > 0
 
