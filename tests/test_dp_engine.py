@@ -62,7 +62,8 @@ def test_client_level_run(tmp_path, placement):
     row = result.rows[-1]
     assert row["dp_mechanism"].startswith("client-level") and row["dp_sampling_rate"] == 0.5
     assert row["delta"] == 0.1  # automatic: below 1/8 clients
-    assert row["epsilon"] > result.rows[0]["epsilon"] > 0
+    # >=: a round aborted under SecAgg charges nothing, and the noise and sampling are secret now (failed once in CI)
+    assert row["epsilon"] >= result.rows[0]["epsilon"] > 0
 
 
 def test_client_level_adaptive_clip_and_target_epsilon(tmp_path):
