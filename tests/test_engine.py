@@ -47,6 +47,16 @@ def test_multi_round_run_learns_and_writes_run_folder(tmp_path):
     assert again.rows[-1]["test_accuracy"] == rows[-1]["test_accuracy"]
 
 
+def test_a_run_leaves_the_callers_torch_threads_as_they_were(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run(tmp_path, "run.threads=1", "run.rounds=1")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_same_seed_same_numbers_across_worker_counts(tmp_path):
     a = run(tmp_path, "run.workers=2", name="a")
     b = run(tmp_path, "run.workers=1", name="b")

@@ -358,8 +358,18 @@ class Experiment:
         client holding all the data (after it, or beside it in a forked process with
         ``run.baseline_concurrent``), and the report compares the two. ``communicator``
         builds the runtime from the assembled :class:`Setup` (the network server passes
-        its own); by default clients run in the simulation.
+        its own); by default clients run in the simulation. The caller's torch thread count is
+        restored afterwards.
         """
+        threads = torch.get_num_threads()
+        try:
+            return self._run(run_dir, resume, communicator)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(
+        self, run_dir: str | Path | None, resume: str | Path | None, communicator: CommunicatorFactory | None
+    ) -> RunResult:
         self.config.validate(skip=("data.dataset",) if self.train is not None else ())
         run_cfg = self.config.run
         if run_cfg.baseline_concurrent and run_cfg.baseline != "centralized":

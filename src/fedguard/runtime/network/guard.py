@@ -128,12 +128,12 @@ class CallGuard:
                     ticket.expired = ticket.reason_next
             for ticket in late:
                 self.evicted += 1
+                if self.on_expired is not None:  # counted before the peer can see the cancellation
+                    self.on_expired(ticket)
                 try:
                     ticket.context.cancel()
                 except Exception:  # noqa: BLE001 - the call may have ended meanwhile
                     pass
-                if self.on_expired is not None:
-                    self.on_expired(ticket)
             if self.on_tick is not None:
                 self.on_tick()
 
