@@ -74,6 +74,13 @@ class ClientOptions:
     state_dir: str | None = None
     retry_s: float = 300.0
     threads: int = 1
+    #: refuse a server configuration whose DP gives this client more than this epsilon against the server
+    #: (0: off); see :class:`fedguard.privacy.floor.PrivacyFloor`
+    privacy_floor: float = 0.0
+    #: other honest clients whose noise shares the floor counts (0: only this client's own noise)
+    privacy_floor_trusted: int = 0
+    #: account the floor at this delta when below the configuration's (0: the configuration's)
+    privacy_floor_delta: float = 0.0
 
 
 class ClientSetupError(Exception):
@@ -389,11 +396,29 @@ def build_app(opts: ClientOptions, client_id: int, welcome: pb.Welcome) -> Clien
     else:
         app = _app_from_partition(config, client_id, store)
     _check_model(app, welcome)
+    if opts.privacy_floor:
+        _enforce_privacy_floor(opts, config, app, welcome)
     logger.info(
         "client %d: %d local examples (%s); model of %d tensors matches the server's",
         client_id, len(app.data), opts.data or f"partition {client_id} of {config.data.dataset}", len(welcome.model),
     )
     return app
+
+
+def _enforce_privacy_floor(opts: ClientOptions, config: Any, app: ClientApp, welcome: pb.Welcome) -> None:
+    """dp: refuse, before training, a configuration whose noise gives this client more than its floor
+    against the server, and answer no more training requests than the floor counted (issue 13)."""
+    from fedguard.core.pipeline import ConfigurationError
+    from fedguard.privacy.floor import PrivacyFloor
+
+    try:
+        floor = PrivacyFloor(opts.privacy_floor, opts.privacy_floor_trusted, opts.privacy_floor_delta)
+        value = floor.check(config, app, list(welcome.client_sizes))
+    except ConfigurationError as exc:
+        raise ClientSetupError(str(exc)) from exc
+    app.handlers["fit"] = floor.guard(config.run.rounds, app.handlers["fit"])
+    logger.info("client %d: privacy floor %g met: epsilon %.4g against the server over %d rounds",
+                app.client_id, opts.privacy_floor, value, config.run.rounds)
 
 
 def _app_from_partition(config: Any, client_id: int, store: Any) -> ClientApp:

@@ -61,6 +61,9 @@ def _cmd_client(args: argparse.Namespace) -> int:
         state_dir=args.state_dir,
         retry_s=args.retry_s,
         threads=args.threads,
+        privacy_floor=args.privacy_floor,
+        privacy_floor_trusted=args.privacy_floor_trusted,
+        privacy_floor_delta=args.privacy_floor_delta,
     )
     try:
         return NetworkClient(opts).run()
@@ -124,6 +127,13 @@ def add_network_commands(sub: argparse._SubParsersAction) -> None:
     client.add_argument("--state-dir", help="keep this client's state in this folder (survives restarts)")
     client.add_argument("--retry-s", type=float, default=300.0, help="give up after the server is gone this long")
     client.add_argument("--threads", type=int, default=1, help="torch threads (1, as in the simulation's workers)")
+    client.add_argument("--privacy-floor", type=float, default=0.0, metavar="EPSILON",
+                        help="refuse a server configuration whose DP noise, counting only this client's own share, "
+                             "gives it more than EPSILON against the server (docs/privacy.md)")
+    client.add_argument("--privacy-floor-trusted", type=int, default=0, metavar="K",
+                        help="with --privacy-floor: count the noise shares of K other honest clients too (default 0)")
+    client.add_argument("--privacy-floor-delta", type=float, default=0.0, metavar="DELTA",
+                        help="with --privacy-floor: account at DELTA when below the configuration's dp.delta")
     client.set_defaults(func=_cmd_client)
 
     cert = sub.add_parser("certs", help="make a development CA, server and client certificates and client keys")
