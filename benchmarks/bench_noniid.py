@@ -49,6 +49,8 @@ ALGORITHMS: dict[str, list[str]] = {
     "ditto": ["algorithm.name=ditto", "algorithm.ditto_lambda=0.1"],
     "fedper": ["algorithm.name=fedper", "algorithm.fedper_head=2"],
 }
+#: the global algorithms are scored on the test set only; clients score their own splits for the personalised ones
+GLOBAL_ONLY = ["run.client_eval=false"]
 PERSONALISED = ("ditto", "fedper")
 SPLITS: dict[str, list[str]] = {
     "shards": ["data.partition=shards", "data.shards_per_client=2"],
@@ -112,6 +114,8 @@ def summarise(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 def run_one(split: str, name: str, args: argparse.Namespace) -> tuple[dict[str, Any], list[float]]:
     """One run: its figures and its test-accuracy curve."""
     overrides = [*WORKLOAD, f"data.data_dir={args.data_dir}", *SPLITS[split], *ALGORITHMS[name]]
+    if name not in PERSONALISED:
+        overrides += GLOBAL_ONLY
     if args.quick:
         overrides += QUICK
     overrides += list(args.set)

@@ -236,3 +236,6 @@ def test_per_client_test_split_gives_federated_evaluation(tmp_path):
     assert 0 < last["eval_bytes_received"] < last["eval_bytes_sent"]
     sizes = json.loads((result.run_dir / "partition.json").read_text())["sizes"]
     assert sum(sizes) == pytest.approx(1200 * 0.75, abs=6)
+    quiet = run(tmp_path, "data.client_test_fraction=0.25", "run.rounds=1", "run.client_eval=false", name="quiet")
+    assert "clients_test_accuracy" not in quiet.rows[-1] and "eval_bytes_sent" not in quiet.rows[-1]
+    assert quiet.rows[-1]["test_accuracy"] > 0

@@ -47,6 +47,10 @@ class RunConfig:
     seed: int = option(0, "Seed for model init, partitioning, sampling and every client's randomness.", min=0)
     rounds: int = option(30, "Number of federated rounds.", min=1)
     eval_every: int = option(1, "Evaluate the global model every k rounds (0: only after the last).", min=0)
+    client_eval: bool = option(
+        True, "With data.client_test_fraction > 0: at every evaluation each sampled client also scores the global "
+        "model on its own test split (the clients_test_* metrics; personalised algorithms also score their own model)."
+    )
     out_dir: str = option("runs", "Folder under which each run writes its own folder.")
     workers: str = option("auto", "Client worker processes: 'auto' (one per core) or a number; 1 runs clients in-process.")
     threads: int = option(0, "Torch threads of the server process (0: all cores).", min=0)

@@ -467,7 +467,7 @@ class Experiment:
             cfg.run.seed,
             cfg.server.min_clients,
             self.log,
-            federated_eval=bool(setup.local_test),
+            federated_eval=bool(setup.local_test) and cfg.run.client_eval,
             fit_config=schedule_fit_config(cfg.train.lr_schedule, cfg.run.rounds),
             device=setup.device,
             eval_prefix="val" if setup.validation is not None else "test",
