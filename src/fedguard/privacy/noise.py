@@ -18,9 +18,15 @@ Floating-point noise (Mironov 2012): a Gaussian drawn in floating point has gaps
 spacing that can reveal the unnoised value in the low-order bits of ``value + noise``. Where the
 values are integers anyway -- inside the SecAgg ring -- fedguard adds noise from the discrete
 Gaussian (:func:`discrete_gaussian`, the rejection sampler of Canonne, Kamath and Steinke 2020,
-Algorithm 3) whose outputs are exact integers. Continuous noise (DP-SGD, central, local) is drawn
-as float64 Box-Muller from 53-bit secure uniforms and rounded to the tensor's dtype; that rounding
-does not remove the floating-point side channel in theory (see docs/privacy.md).
+Algorithm 3) whose outputs are exact integers. Continuous noise (DP-SGD, central, local, sample-level
+shares) from the secure source follows the mitigation of Holohan and Braghin (2021, "Secure random
+sampling in differential privacy", Section 5.1) that Opacus applies in ``secure_mode``
+(``opacus.optimizers.optimizer._generate_noise``): every value is the sum of ``2n = 4`` independent
+Gaussian draws divided by ``sqrt(4) = 2`` (:func:`secure_normal_summed`). An attacker who would invert
+one output to the random bits behind it must now search ``2^(p (2n - 1))`` states instead of ``2^p``
+(p = 53 bits per float64 draw): Holohan and Braghin's bound, not a proof of exact DP in floating point.
+The draws are float64 Box-Muller from 53-bit secure uniforms, summed in float64 and rounded once to
+the tensor's dtype. The seeded (research) source keeps ``torch.randn``, bit for bit.
 """
 
 from __future__ import annotations
@@ -51,16 +57,34 @@ def secure_bits(count: int) -> np.ndarray:
 
 def secure_uniform(count: int) -> np.ndarray:
     """``count`` float64 uniforms on (0, 1]: 53 secure bits each, never 0 (safe under a logarithm)."""
-    return ((secure_bits(count) >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+    out = (secure_bits(count) >> np.uint64(11)).astype(np.float64)
+    out += 1.0
+    out *= 2.0**-53
+    return out
 
 
 def secure_normal(count: int) -> np.ndarray:
-    """``count`` standard normal float64 values (Box-Muller over :func:`secure_uniform`)."""
+    """``count`` standard normal float64 values (Box-Muller over :func:`secure_uniform`; torch's vectorised
+    float64 log, sqrt, cos and sin, about twice as fast as numpy's)."""
     half = (count + 1) // 2
-    u = secure_uniform(2 * half)
-    radius = np.sqrt(-2.0 * np.log(u[:half]))
-    angle = _TWO_PI * u[half:]
-    return np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
+    u = torch.from_numpy(secure_uniform(2 * half))
+    radius = torch.log(u[:half]).mul_(-2.0).sqrt_()
+    angle = u[half:].mul_(_TWO_PI)
+    return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:count].numpy()
+
+
+#: independent Gaussian draws summed into each secure float noise value (Holohan & Braghin 2021, 2n with n = 2,
+#: as Opacus's secure_mode)
+SUMMED_DRAWS = 4
+
+
+def secure_normal_summed(count: int, draws: int = SUMMED_DRAWS) -> np.ndarray:
+    """``count`` standard normals, each the sum of ``draws`` independent :func:`secure_normal` values over
+    ``sqrt(draws)`` (Holohan & Braghin 2021, Section 5.1; Opacus ``_generate_noise(secure_mode=True)``)."""
+    if draws == 1:
+        return secure_normal(count)
+    summed = torch.from_numpy(secure_normal(draws * count)).view(draws, count).sum(dim=0)
+    return summed.div_(math.sqrt(draws)).numpy()
 
 
 class Randomness(Protocol):
@@ -78,14 +102,23 @@ class Randomness(Protocol):
 
 
 class SecureRandom:
-    """Draws from the OS CSPRNG through ChaCha20; ignores the (seeded) generator it is handed."""
+    """Draws from the OS CSPRNG through ChaCha20; ignores the (seeded) generator it is handed.
+
+    ``draws`` independent Gaussians are summed into each float value (``dp.float_noise_draws``; 4 as in
+    Opacus's secure_mode, 1 for the single draw that leaves the floating-point side channel open).
+    """
 
     name = "secure"
 
+    def __init__(self, draws: int = SUMMED_DRAWS) -> None:
+        if draws < 1:
+            raise ConfigurationError(f"dp.float_noise_draws must be at least 1, got {draws}")
+        self.draws = draws
+
     def normal(self, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-        """Secure standard normals, rounded once from float64 to ``dtype``."""
+        """Secure standard normals (each a sum of ``draws`` draws), rounded once from float64 to ``dtype``."""
         count = math.prod(shape)
-        return torch.from_numpy(secure_normal(count)).reshape(shape).to(dtype)
+        return torch.from_numpy(secure_normal_summed(count, self.draws)).reshape(shape).to(dtype)
 
     def uniform(self, count: int, generator: torch.Generator) -> torch.Tensor:
         """Secure uniforms (53 bits)."""
@@ -106,10 +139,10 @@ class SeededRandom:
         return torch.rand(count, generator=generator)
 
 
-def randomness(source: str) -> Randomness:
-    """The :class:`Randomness` named by ``dp.noise_source``."""
+def randomness(source: str, draws: int = SUMMED_DRAWS) -> Randomness:
+    """The :class:`Randomness` named by ``dp.noise_source`` (``draws``: ``dp.float_noise_draws``, secure only)."""
     if source == "secure":
-        return SecureRandom()
+        return SecureRandom(draws)
     if source == "seeded":
         return SeededRandom()
     raise ConfigurationError(f"dp.noise_source must be one of {NOISE_SOURCES}, got {source!r}")

@@ -73,7 +73,7 @@ def noise_source(ctx: BuildContext) -> Randomness:
     dp = ctx.config.dp
     if dp.noise_source != "secure":
         ctx.log(f"warning: dp.noise_source=seeded: every epsilon of this run is {NOT_A_GUARANTEE}")
-    return randomness(dp.noise_source)
+    return randomness(dp.noise_source, dp.float_noise_draws)
 
 
 def check_settings(ctx: BuildContext) -> None:
@@ -217,7 +217,8 @@ def _sample_trainer_hook(trainer: LocalSGD, ctx: BuildContext) -> LocalSGD:
     validate_for_dpsgd(model)
     engine = build_clipped_sum(model, task.loss, ctx.config.dp.per_example, ctx.log)
     _check_engine(engine, model, task, ctx)
-    dpsgd = DPSGD(sample_plan(ctx, trainer), engine, randomness(ctx.config.dp.noise_source))
+    dp = ctx.config.dp
+    dpsgd = DPSGD(sample_plan(ctx, trainer), engine, randomness(dp.noise_source, dp.float_noise_draws))
     trainer.sampler, trainer.gradient = dpsgd.sample, dpsgd.gradient
     return trainer
 
