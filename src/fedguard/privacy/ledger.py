@@ -101,21 +101,21 @@ class DPLedger(PrivacyLedger):
 
     def report(self) -> dict[str, Any]:
         """epsilon (worst party), delta, the mechanism and the parameters behind the figure."""
-        out: dict[str, Any] = {
-            "epsilon": 0.0,
+        party, value = self.worst()
+        # epsilon_model and epsilon_server side by side (rows, summary table, report.md)
+        out: dict[str, Any] = {"epsilon": value if party is not None else 0.0}
+        out["epsilon_model"] = out["epsilon"]
+        out.update(self.server_report())
+        out.update({
             "delta": self.delta,
             "dp_mechanism": self.mechanism,
             "dp_accountant": self.accountant,
             "dp_noise_source": self.noise_source,
-        }
+        })
         if self.noise_source != "secure":
             out["epsilon_note"] = NOT_A_GUARANTEE
-        out.update(self.server_report())
-        party, value = self.worst()
         if party is None:
-            out["epsilon_model"] = 0.0
             return out
-        out["epsilon"] = out["epsilon_model"] = value
         out.update(_describe(self.histories[party]))
         if self.per_party:
             out["dp_worst_client"] = party

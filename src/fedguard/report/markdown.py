@@ -45,7 +45,7 @@ def write_report(
     made: list[tuple[str, Path | None]] = [
         (CURVES[0][0], plot_curves(rows, other, plots / CURVES[0][1], _held_out_title(metric_keys), "value")),
         (CURVES[1][0], plot_curves(rows, loss_keys, plots / CURVES[1][1], "Loss", "loss")),
-        (CURVES[2][0], plot_curves(rows, ["epsilon"], plots / CURVES[2][1], "Privacy", "epsilon")),
+        (CURVES[2][0], plot_curves(rows, ["epsilon", "epsilon_server"], plots / CURVES[2][1], "Privacy", "epsilon")),
     ]
     lines = ["# fedguard run report", "", "## Summary", ""]
     if any(k.startswith("val_") for k in metric_keys):
@@ -91,15 +91,24 @@ def _round_table(rows: list[dict[str, Any]], primary: str) -> str:
         f"val_{primary}",
         f"test_{primary}",
         "epsilon",
+        "epsilon_server",
         "bytes_sent",
         "bytes_received",
         "seconds",
     ]
-    keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
+    keys = [k for k in keys if any(r.get(k) is not None for r in rows) or (k == "epsilon_server" and
+                                                                          any(k in r for r in rows))]
     out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
-        out.append("| " + " | ".join(_fmt(r.get(k, "")) if r.get(k) is not None else "" for k in keys) + " |")
+        out.append("| " + " | ".join(_cell(r, k) for k in keys) + " |")
     return "\n".join(out)
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    """A round-table cell; an epsilon_server written as null (JSON has no infinity) reads ``inf``."""
+    if row.get(key) is not None:
+        return _fmt(row[key])
+    return "inf" if key == "epsilon_server" and key in row else ""
 
 
 def write_comparison(run_dir: Path, federated: dict[str, Any], centralized: dict[str, Any]) -> Path:

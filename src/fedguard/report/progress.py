@@ -23,6 +23,8 @@ FIGURE_NOTES: dict[str, str] = {
     "total_bytes_sent": "server to clients, all rounds",
     "total_bytes_received": "clients to server, all rounds",
     "epsilon": "privacy spent (worst party)",
+    "epsilon_model": "against whoever sees only released models",
+    "epsilon_server": "against the server (inf: it sees the un-noised updates)",
 }
 
 
@@ -59,11 +61,21 @@ def round_line(row: dict[str, Any], rounds: int, primary: str) -> str:
         if value is not None:
             parts.append(f"{prefix} {primary} {value:.4f}")
             break
-    if row.get("epsilon"):
-        parts.append(f"eps {row['epsilon']:.3g}")
+    if row.get("epsilon") or row.get("epsilon_server"):
+        parts.append(epsilon_text(row))
     if row.get("aborted"):
         parts.append(f"aborted: {row['aborted']}")
     return "  ".join(parts)
+
+
+def epsilon_text(row: dict[str, Any]) -> str:
+    """``eps model X server Y``: epsilon against model users beside epsilon against the server (issue 13);
+    ``eps X`` where the ledger reports one figure."""
+    model = row.get("epsilon_model", row.get("epsilon")) or 0.0
+    if "epsilon_server" not in row:
+        return f"eps {model:.3g}"
+    server = row["epsilon_server"]
+    return f"eps model {model:.3g} server {math.inf if server is None else server:.3g}"
 
 
 class RunProgress:
