@@ -77,3 +77,19 @@ def test_the_cli_passes_the_floor_to_the_client() -> None:
     args = build_parser().parse_args(["client", "--server", "h:1", "--key", "k", "--privacy-floor", "3",
                                       "--privacy-floor-trusted", "2"])
     assert (args.privacy_floor, args.privacy_floor_trusted, args.privacy_floor_delta) == (3.0, 2, 0.0)
+
+
+def test_a_widened_clip_instruction_cannot_shrink_the_noise_share() -> None:
+    """The server broadcasts dp_clip = 1000 in the fit instruction: under distributed noise the client's share
+    is sized for dp.clip = 1, so it still clips to 1 (a wider clip would leave the share far below the
+    sensitivity)."""
+    import torch
+
+    from fedguard.pipeline.base import ClientContext
+    from fedguard.privacy.dpfedavg import ClipUpdate
+
+    steps = Experiment(overrides=DISTRIBUTED).assemble().pipeline.client_steps
+    clip = next(s for s in steps if isinstance(s, ClipUpdate))
+    ctx = ClientContext(0, 1, 60, torch.Generator(), {"dp_clip": 1000.0}, {})
+    out = clip.apply({"w": torch.full((100,), 5.0)}, ctx)
+    assert clip.client_noise and float(out["w"].norm()) <= 1.0 + 1e-6

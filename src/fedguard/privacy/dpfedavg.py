@@ -78,7 +78,9 @@ class ClipUpdate(ClientStep):
     """Clip each client's update to the round's clip norm; with adaptive clipping, move the norm.
 
     The server broadcasts the round's norm as ``dp_clip``; the client reports whether its
-    update fitted (``dp_below_clip``: 1 or 0) when clipping is adaptive.
+    update fitted (``dp_below_clip``: 1 or 0) when clipping is adaptive. With distributed noise
+    (``client_noise``) the client's noise share is sized for the configured ``dp.clip``, so a
+    broadcast norm above it (a malicious server widening the sensitivity under the share) is capped.
     """
 
     name = "dp-clip"
@@ -96,6 +98,8 @@ class ClipUpdate(ClientStep):
         #: the server's own source for the count noise
         self.source: Randomness = source or SecureRandom()
         self.by_round: dict[int, float] = {}
+        #: the clients add the noise (distributed placement): never clip above ``clip``
+        self.client_noise = False
 
     def configure(self, round: int, instructions: dict[str, Any]) -> None:
         """Broadcast this round's clip norm (and remember it for the noise step)."""
@@ -107,8 +111,11 @@ class ClipUpdate(ClientStep):
         return self.by_round.get(round, self.clip)
 
     def apply(self, update: Params, ctx: ClientContext) -> Params:
-        """Clip to the broadcast norm; report the clipping indicator when adaptive."""
+        """Clip to the broadcast norm (at most ``clip`` under client noise); report the clipping indicator
+        when adaptive."""
         clip = float(ctx.instructions.get("dp_clip", self.clip))
+        if self.client_noise:
+            clip = min(clip, self.clip)
         clipped, norm = clip_update(update, clip)
         if self.adaptive is not None:
             ctx.reply_meta["dp_below_clip"] = 1 if norm <= clip else 0
@@ -165,8 +172,8 @@ class DistributedNoise(ClientStep):
         self.source: Randomness = source or SecureRandom()
 
     def apply(self, update: Params, ctx: ClientContext) -> Params:
-        """Add this client's share of the noise (from its own secret source)."""
-        clip = float(ctx.instructions.get("dp_clip", self.clip))
+        """Add this client's share of the noise (from its own secret source), for the clip actually applied."""
+        clip = min(float(ctx.instructions.get("dp_clip", self.clip)), self.clip)
         noise = gaussian_like(update, self.noise_multiplier * clip / math.sqrt(self.shares), ctx.generator,
                               self.source)
         return {k: v + noise[k] for k, v in update.items()}

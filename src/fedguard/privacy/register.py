@@ -373,6 +373,7 @@ def _client_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
     adaptive, z_update = _adaptive_clip(ctx, z, expected)
     source = noise_source(ctx)
     clip = ClipUpdate(dp.clip, expected, adaptive, source)
+    clip.client_noise = dp.noise_placement == "distributed"
     steps: list[ClientStep] = [clip]
     noise_of_round = lambda completed: z  # noqa: E731
     if dp.noise_placement == "distributed":
