@@ -63,12 +63,17 @@ def test_no_dp_and_server_added_noise_are_refused(sent, message) -> None:
 
 
 def test_the_guard_answers_no_training_request_beyond_run_rounds() -> None:
+    from types import SimpleNamespace
+
     from fedguard.privacy.floor import PrivacyFloor
 
     fit = PrivacyFloor(1.0).guard(2, lambda msg, ctx: "trained")
-    assert [fit(None, None), fit(None, None)] == ["trained", "trained"]
+    ctx = SimpleNamespace(state={})  # the client's state: kept across restarts with --state-dir
+    assert [fit(None, ctx), fit(None, ctx)] == ["trained", "trained"]
     with pytest.raises(ConfigurationError, match="already trained in run.rounds=2"):
-        fit(None, None)
+        fit(None, ctx)
+    with pytest.raises(ConfigurationError):  # a restarted client reading the saved count refuses too
+        fit(None, SimpleNamespace(state=dict(ctx.state)))
 
 
 def test_the_cli_passes_the_floor_to_the_client() -> None:

@@ -42,6 +42,9 @@ from fedguard.privacy.dpfedavg import DistributedNoise, SelfSample
 from fedguard.privacy.dpsgd import DPSGD, DPSGDPlan, DPSGDReport
 from fedguard.privacy.local_dp import LocalGaussian
 
+#: the client's state key counting the training requests it answered under a floor
+FITS_KEY = "privacy_floor_fits"
+
 
 @dataclass(frozen=True)
 class OwnNoise:
@@ -99,19 +102,21 @@ class PrivacyFloor:
         delta = dp.delta if dp.delta > 0 else default_delta(max(records, 1))
         return min(delta, self.delta) if self.delta > 0 else delta
 
-    def guard(self, rounds: int, handler: Callable[..., Any]) -> Callable[..., Any]:
-        """``handler`` (the client's ``fit``) refusing requests beyond ``rounds``: the floor's epsilon
-        counts ``run.rounds`` releases; a server asking for more would spend beyond it."""
-        answered = [0]
+    def guard(self, rounds: int, handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+        """``handler`` (the client's ``fit(msg, ctx)``) refusing requests beyond ``rounds``: the floor's epsilon
+        counts ``run.rounds`` releases; a server asking for more would spend beyond it. The count lives in the
+        client's state (``ctx.state``), so a client restarted with ``--state-dir`` keeps it."""
 
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            if answered[0] >= rounds:
+        def guarded(msg: Any, ctx: Any) -> Any:
+            answered = int(ctx.state.get(FITS_KEY, 0))
+            if answered >= rounds:
                 raise ConfigurationError(
                     f"privacy floor: this client already trained in run.rounds={rounds} rounds, all its floor "
                     "allows; it answers no further training request"
                 )
-            answered[0] += 1
-            return handler(*args, **kwargs)
+            reply = handler(msg, ctx)
+            ctx.state[FITS_KEY] = answered + 1
+            return reply
 
         return guarded
 
