@@ -8,7 +8,11 @@ of standard deviation ``sigma * C`` to the sum and divides by the *expected* bat
 Distributed noise (``noise_shares = K``): with one local step per round, a fixed ``q`` and
 example-weighted FedAvg, the aggregate is ``(sum of all clipped gradients + sum of noises) /
 (q N)``; if each of ``K`` clients adds ``sigma * C / sqrt(K)``, the sum carries ``sigma * C``:
-DP-SGD on the union of the clients' data, for a server that only sees the secure sum.
+DP-SGD on the union of the clients' data, for a server that only sees the secure sum. Under
+SecAgg+ (``in_ring``) the step here is clipped and *un-noised*: each client's share is discrete
+Gaussian integer noise added to its quantized update inside the ring
+(:class:`~fedguard.privacy.distributed.DPSGDRingNoise`, Kairouz, Liu, Steinke 2021), so no float
+noise exists on the client and the server unmasks only the noisy sum.
 The client reports ``(q, sigma, steps)`` with its update; the server's ledger composes each
 client's own steps over every round it took part in.
 
@@ -51,6 +55,8 @@ class DPSGDPlan:
     steps_limit: int | None = None
     #: distributed noise: each client adds 1/noise_shares of the noise variance
     noise_shares: float = 1.0
+    #: the shares are added as discrete noise in the SecAgg+ ring, not here (one un-noised step)
+    in_ring: bool = False
 
     def rate(self, n: int) -> float:
         """Poisson sampling rate of a client with ``n`` examples."""
@@ -96,6 +102,7 @@ class DPSGD:
 
         An empty Poisson batch still takes a (noise-only) step, as the analysis requires; its
         loss is reported as the mean of the client's batches so far, leaving the mean unchanged.
+        With ``plan.in_ring`` no noise is drawn: clipped sum / (q n) (the ring adds the share).
         """
         plan = self.plan
         if batch[0].shape[0] == 0:
@@ -105,6 +112,9 @@ class DPSGD:
             result = self.engine(params, batch, plan.clip)
             sums, loss = result.grads, result.loss
             self._loss_sum, self._loss_count = self._loss_sum + loss, self._loss_count + 1
+        if plan.in_ring:
+            with torch.no_grad():
+                return [s / self._expected_batch for s in sums], loss
         std = plan.noise_multiplier * plan.clip / math.sqrt(plan.noise_shares)
         noise = gaussian_like(dict(zip(params, sums, strict=True)), std, generator, self.source)
         with torch.no_grad():

@@ -22,12 +22,19 @@ from functools import lru_cache
 import torch
 
 from fedguard.algorithms.local_sgd import LocalSGD
+from fedguard.algorithms.update_rules import SGDRule
 from fedguard.builders import PIPELINE_HOOKS, TRAINER_HOOKS, BuildContext, PipelineParts, seeded_model
 from fedguard.config import register_section
 from fedguard.pipeline.base import ClientStep, ConfigurationError
 from fedguard.privacy.accountant import GaussianStep, calibrate_noise, default_delta, epsilon, history_of
 from fedguard.privacy.config import DPConfig
-from fedguard.privacy.distributed import DiscreteGaussianRingNoise, check_tau, headroom_bits
+from fedguard.privacy.distributed import (
+    DiscreteGaussianRingNoise,
+    DPSGDRingNoise,
+    check_tau,
+    headroom_bits,
+    rounding_excess,
+)
 from fedguard.privacy.dpfedavg import (
     AdaptiveClip,
     ClipUpdate,
@@ -121,7 +128,7 @@ def base_sample_plan(ctx: BuildContext, trainer: LocalSGD | None = None) -> DPSG
     limit = trainer.steps_limit if trainer is not None else (t.max_steps or None)
     shares = sample_noise_shares(ctx)
     return DPSGDPlan(dp.noise_multiplier, dp.clip, dp.sample_rate, t.batch_size, dp.local_steps, t.epochs, limit,
-                     shares)
+                     shares, in_ring=ring_noise_applies(ctx))
 
 
 def sample_plan(ctx: BuildContext, trainer: LocalSGD | None = None) -> DPSGDPlan:
@@ -218,9 +225,33 @@ def _sample_trainer_hook(trainer: LocalSGD, ctx: BuildContext) -> LocalSGD:
     engine = build_clipped_sum(model, task.loss, ctx.config.dp.per_example, ctx.log)
     _check_engine(engine, model, task, ctx)
     dp = ctx.config.dp
-    dpsgd = DPSGD(sample_plan(ctx, trainer), engine, randomness(dp.noise_source, dp.float_noise_draws))
+    plan = sample_plan(ctx, trainer)
+    if plan.in_ring:
+        _check_ring_trainer(trainer, ctx)
+    dpsgd = DPSGD(plan, engine, randomness(dp.noise_source, dp.float_noise_draws))
     trainer.sampler, trainer.gradient = dpsgd.sample, dpsgd.gradient
     return trainer
+
+
+def _check_ring_trainer(trainer: LocalSGD, ctx: BuildContext) -> None:
+    """Refuse local training whose update is not ``-lr * (clipped sum / (q n) + data-free terms)``.
+
+    The ring noise is sized for that linear step (:class:`~fedguard.privacy.distributed.DPSGDRingNoise`);
+    an adaptive rule (Adam) rescales the gradient, and SCAFFOLD, FedDyn and Ditto keep or send state
+    computed from the un-noised step.
+    """
+    algorithm = getattr(getattr(ctx.config, "algorithm", None), "name", "fedavg")
+    if not isinstance(trainer.rule or SGDRule(), SGDRule) or trainer.lr != ctx.config.train.lr:
+        problem = "the local optimiser is not SGD at train.lr (e.g. a task's Adam)"
+    elif algorithm not in ("fedavg", "fedprox"):
+        problem = f"algorithm.name={algorithm} keeps or sends state computed from the un-noised local step"
+    else:
+        return
+    raise ConfigurationError(
+        f"dp.mode=sample with dp.noise_placement=distributed under secure.mode=secagg adds each DP-SGD step's "
+        f"noise to the update inside the ring, sized for one plain SGD step, but {problem}. Use algorithm.name="
+        "fedavg or fedprox with the engine's SGD, or dp.noise_placement=local."
+    )
 
 
 def _check_engine(engine: object, model: torch.nn.Module, task: Task, ctx: BuildContext) -> None:
@@ -265,14 +296,18 @@ def sample_noise_shares(ctx: BuildContext) -> float:
         raise ConfigurationError("dp.mode=sample: dp.noise_placement must be local or distributed")
     problems = []
     if dp.local_steps != 1:
-        problems.append("dp.local_steps=1 (one step per round: the sum of several noisy local steps taken from "
-                        "private points is not one Gaussian release)")
+        problems.append(f"dp.local_steps=1, not {dp.local_steps or 'train.epochs passes'} (one step per round: the "
+                        "sum of the clients' updates is then one DP-SGD step on the union of their data, and the "
+                        "noise added once to each update in the SecAgg+ ring covers exactly that step; the sum of "
+                        "several local steps taken from private points is not one Gaussian release)")
     if dp.sample_rate <= 0:
         problems.append("a fixed dp.sample_rate (the same for every client, so every example's noise is equal)")
     if ctx.config.server.weighting != "examples":
         problems.append("server.weighting=examples (the aggregate is then the sum over all examples / (q N))")
     if problems:
-        raise ConfigurationError("dp.noise_placement=distributed with dp.mode=sample needs " + "; ".join(problems))
+        raise ConfigurationError("dp.noise_placement=distributed with dp.mode=sample needs " + "; ".join(problems)
+                                 + ". Set those, or use dp.noise_placement=local (each client adds all of each "
+                                 "step's noise, any number of steps).")
     return float(distributed_shares(ctx, ctx.sampler.per_round(ctx.sampler.population)))
 
 
@@ -405,17 +440,19 @@ def _local_pipeline(parts: PipelineParts, ctx: BuildContext) -> None:
 
 
 def ring_noise_applies(ctx: BuildContext) -> bool:
-    """Client-level distributed noise under SecAgg+: discrete Gaussian shares inside the ring."""
+    """Client- or sample-level distributed noise under SecAgg+: discrete Gaussian shares inside the ring."""
     dp = ctx.config.dp
     secure = getattr(getattr(ctx.config, "secure", None), "mode", "none")
-    return dp.mode == "client" and dp.noise_placement == "distributed" and secure == "secagg"
+    return dp.mode in ("client", "sample") and dp.noise_placement == "distributed" and secure == "secagg"
 
 
 def _ring_noise_hook(ctx: BuildContext) -> DiscreteGaussianRingNoise | None:
-    """The discrete Gaussian ring noise of client-level distributed DP (Kairouz, Liu, Steinke 2021)."""
+    """The discrete Gaussian ring noise of distributed DP (Kairouz, Liu, Steinke 2021)."""
     if not ring_noise_applies(ctx):
         return None
     check_settings(ctx)
+    if ctx.config.dp.mode == "sample":
+        return _sample_ring_noise(ctx)
     dp, secure = ctx.config.dp, ctx.config.secure
     expected = noise_contributors(ctx)
     shares, z = distributed_shares(ctx, expected), client_noise(ctx)
@@ -432,6 +469,43 @@ def _ring_noise_hook(ctx: BuildContext) -> DiscreteGaussianRingNoise | None:
     check_tau(sigma, expected, dimension, z)
     ctx.log(f"DP: distributed discrete Gaussian in the SecAgg ring, {shares} shares, about {sigma:.4g} levels each "
             f"({bits} ring bits of headroom)")
+    return noise
+
+
+#: refuse a ring whose rounding term adds more than this to a DP-SGD step's sensitivity (module doc of distributed)
+MAX_ROUNDING_EXCESS = 0.1
+
+
+def _sample_ring_noise(ctx: BuildContext) -> DPSGDRingNoise:
+    """One DP-SGD step's discrete Gaussian shares in the ring, sized like the client-level shares."""
+    from fedguard.secure.register import max_weight
+
+    dp, secure, lr = ctx.config.dp, ctx.config.secure, ctx.config.train.lr
+    plan, expected = sample_plan(ctx), max(1, ctx.sampler.per_round(ctx.sampler.population))
+    z, shares, weight = plan.noise_multiplier, int(plan.noise_shares), max_weight(ctx)
+    sensitivity = lr * dp.clip / (dp.sample_rate * weight)  # one example, in units of w/M * update
+    bits = headroom_bits(z * max(1.0, sensitivity / secure.clip), shares)
+    if bits >= secure.ring_bits - 8:
+        raise ConfigurationError(
+            f"distributed discrete Gaussian: the noise sum needs {bits} free bits of the {secure.ring_bits}-bit ring; "
+            "raise secure.ring_bits (e.g. 64) or secure.clip"
+        )
+    dimension = sum(p.numel() for p in seeded_model(ctx.task, ctx.config.run.seed).parameters())
+    noise = DPSGDRingNoise(z, dp.clip, shares, bits, secure.clip, dimension, sample_rate=dp.sample_rate, lr=lr,
+                           max_weight=weight)
+    step = 2.0 * secure.clip / max(((1 << (secure.ring_bits - bits)) - 1) // expected, 1)
+    excess = rounding_excess(sensitivity, step, dimension)
+    if excess > MAX_ROUNDING_EXCESS:
+        raise ConfigurationError(
+            f"distributed DP-SGD in the SecAgg ring: rounding to levels of {step:.3g} adds {excess:.0%} to one "
+            f"example's sensitivity (train.lr * dp.clip / (dp.sample_rate * secure.max_weight) = {sensitivity:.3g} "
+            f"over {dimension} coordinates), so each share would be that much larger than the float shares. Raise "
+            f"secure.ring_bits (e.g. 64) or lower secure.clip (the ring's range per coordinate)."
+        )
+    sigma = noise.sigma(step, noise.max_ratio(), dimension)
+    check_tau(sigma, expected, dimension, z)
+    ctx.log(f"DP-SGD: distributed discrete Gaussian in the SecAgg ring, {shares} shares of about {sigma:.4g} levels "
+            f"each (rounding adds {excess:.2%} to the sensitivity; {bits} ring bits of headroom)")
     return noise
 
 
