@@ -3,8 +3,9 @@
 * ``dp-sample``: full MNIST, 100 clients by label-Dirichlet 0.5, CNN-S, DP-SGD with every client's
   epsilon at most 3 against the server and model users alike (delta 1e-5; the Poisson masks are
   each client's secret), noise from the secure source split among the clients (distributed, one
-  DP-SGD step per round, the sum through SecAgg+), shares sized so that the noise of all but one
-  colluding client of the fewest survivors (secure.min_survivors=90) gives the epsilon.
+  DP-SGD step per round, discrete Gaussian shares added in the SecAgg+ ring), shares sized so that
+  the noise of all but one colluding client of the fewest survivors (secure.min_survivors=90) gives
+  the epsilon.
   ``dp-sample-local``: the same with each client adding all of its noise (no trust in anyone).
 * ``dp-client``: W1's 1,000 clients, DP-FedAvg at three noise multipliers: the accuracy-epsilon
   curve, epsilon from the ledger.
