@@ -169,3 +169,19 @@ def test_adaptive_optimiser_and_stateful_algorithms_are_refused() -> None:
 def test_a_ring_too_coarse_for_the_step_is_refused() -> None:
     with pytest.raises(ConfigurationError, match=r"rounding to levels of .* Raise secure.ring_bits"):
         Experiment(overrides=[*RING, "secure.ring_bits=24"]).assemble()
+
+
+def test_share_follows_the_rounds_learning_rate_and_the_client_weight() -> None:
+    """sigma = z (lr * lr_scale * C * w / (q n M step) + sqrt(d)) / sqrt(shares), in levels; the
+    server's range check (at lr_scale 1, w = n) covers every client's share."""
+    from types import SimpleNamespace
+
+    noise = DPSGDRingNoise(2.0, CLIP, 4, 3, ring_clip=1.0, dimension=10_000, sample_rate=RATE, lr=LR, max_weight=300)
+    step, n = 2.0 / 50_000, 200
+    client = SimpleNamespace(instructions={"lr_scale": 0.5}, num_examples=n)
+    ctx = SimpleNamespace(client=client, step=step, weight=n, max_weight=300, length=10_000)
+    sigma = 2.0 * (LR * 0.5 * CLIP / (RATE * 300 * step) + 100) / 2
+    draws = noise.sample(ctx)
+    assert draws.dtype == np.int64 and draws.std() == pytest.approx(sigma, rel=0.03)
+    full = 2.0 * (LR * CLIP / (RATE * 300 * step) + 100) / 2
+    assert noise.bound(4, 50_000) >= 12 * 2 * full

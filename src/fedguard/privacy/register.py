@@ -481,7 +481,8 @@ def _sample_ring_noise(ctx: BuildContext) -> DPSGDRingNoise:
     from fedguard.secure.register import max_weight
 
     dp, secure, lr = ctx.config.dp, ctx.config.secure, ctx.config.train.lr
-    plan, expected = sample_plan(ctx), max(1, ctx.sampler.per_round(ctx.sampler.population))
+    plan = sample_plan(replace(ctx, log=lambda line: None))  # the trainer hook logged the calibration
+    expected = max(1, ctx.sampler.per_round(ctx.sampler.population))
     z, shares, weight = plan.noise_multiplier, int(plan.noise_shares), max_weight(ctx)
     sensitivity = lr * dp.clip / (dp.sample_rate * weight)  # one example, in units of w/M * update
     bits = headroom_bits(z * max(1.0, sensitivity / secure.clip), shares)
