@@ -11,8 +11,14 @@ import torch
 
 from fedguard import Config, Experiment
 from fedguard.audit.image_metrics import best_match, gaussian_window, psnr, ssim
-from fedguard.audit.inversion import InvertingGradientsConfig, dlg, infer_labels, inverting_gradients
-from fedguard.audit.knowledge import AttackKnowledge, knowledge_of, observe_update
+from fedguard.audit.inversion import (
+    InvertingGradientsConfig,
+    dlg,
+    infer_labels,
+    inverting_gradients,
+    simulate_update,
+)
+from fedguard.audit.knowledge import AttackKnowledge, knowledge_of, observe_update, sum_updates
 from fedguard.cli import main
 
 SMALL = ["run.progress=false", "run.report=false", "data.max_train_examples=200", "data.num_clients=2",
@@ -99,6 +105,25 @@ def test_batch_labels_from_the_bias(setup):
     assert len(infer_labels(knowledge, update, 4)) == 4
     rec = inverting_gradients(knowledge, update, 4, InvertingGradientsConfig(iterations=3, restarts=1))
     assert rec.images.shape == (4, 1, 28, 28) and float(rec.images.min()) >= 0.0 and float(rec.images.max()) <= 1.0
+
+
+def test_secagg_mean_simulated_client_by_client():
+    """The server under SecAgg divides the sum by the clients it ran the protocol with; its simulation of that
+    mean (each client's 3 local steps on its own 2 images) matches the real clients' mean exactly, and the
+    batch labels counted from it are right."""
+    setup = Experiment(Config.load(None, SMALL + ["train.batch_size=2", "train.max_steps=0", "train.epochs=3"]))
+    setup = setup.assemble()
+    params = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    data = [setup.client_data(c).subset([0, 1], "victim") for c in range(2)]
+    updates = [observe_update(setup, d, params, client_id=c) for c, d in enumerate(data)]
+    mean = {k: v / 2 for k, v in sum_updates(updates).items()}
+    knowledge = AttackKnowledge(**{**knowledge_of(setup, params, 2).__dict__, "num_examples": 4, "clients": 2})
+    assert knowledge.steps == 3 and knowledge.batch_size == 2
+    x, y = torch.cat([d.x for d in data]), torch.cat([d.y for d in data])
+    simulated = simulate_update(knowledge, knowledge.model_fn(), x, y, create_graph=False)
+    for k in mean:
+        torch.testing.assert_close(simulated[k], mean[k], atol=1e-6, rtol=1e-4)
+    assert sorted(infer_labels(knowledge, mean, 4).tolist()) == sorted(y.tolist())
 
 
 def test_cli_audit_inversion(tmp_path, capsys):

@@ -96,11 +96,26 @@ def infer_labels(knowledge: AttackKnowledge, update: Params, count: int) -> torc
 def simulate_update(knowledge: AttackKnowledge, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                     create_graph: bool = True) -> Params:
     """The client's update on ``(x, y)`` as the attacker simulates it: ``steps`` SGD steps (with momentum)
-    on consecutive batches of ``batch_size``, differentiable in ``x``."""
+    on consecutive batches of ``batch_size``, differentiable in ``x``. With ``knowledge.clients > 1`` the
+    mean of that many clients' updates, each on its consecutive share of ``x`` (one step: one step on all
+    of ``x``, the same thing for equal shares)."""
+    groups = knowledge.clients
+    if groups <= 1 or x.shape[0] % groups:
+        return _local_sgd(knowledge, model, x, y, create_graph, knowledge.batch_size)
+    if knowledge.steps == 1:
+        return _local_sgd(knowledge, model, x, y, create_graph, x.shape[0])
+    size = x.shape[0] // groups
+    parts = [_local_sgd(knowledge, model, x[i * size : (i + 1) * size], y[i * size : (i + 1) * size], create_graph,
+                        knowledge.batch_size) for i in range(groups)]
+    return {k: torch.stack([p[k] for p in parts]).mean(0) for k in parts[0]}
+
+
+def _local_sgd(knowledge: AttackKnowledge, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+               create_graph: bool, batch_size: int) -> Params:
     params = {k: v.detach().requires_grad_(True) for k, v in knowledge.global_params.items()}
     start = {k: v.detach() for k, v in params.items()}
     buf: dict[str, torch.Tensor] = {}
-    n, bs = x.shape[0], max(1, min(knowledge.batch_size, x.shape[0]))
+    n, bs = x.shape[0], max(1, min(batch_size, x.shape[0]))
     for step in range(knowledge.steps):
         first = (step * bs) % n
         idx = torch.arange(first, first + bs) % n
@@ -186,7 +201,7 @@ def inverting_gradients(knowledge: AttackKnowledge, update: Params, count: int,
     # refine on the exact unrolled local training
     warm = int(cfg.iterations * cfg.warm_start) if knowledge.steps > 1 else 0
     approx = AttackKnowledge(**{**knowledge.__dict__, "steps": 1, "lr": knowledge.lr * knowledge.steps,
-                                "batch_size": count, "momentum": 0.0})
+                                "batch_size": count, "momentum": 0.0, "clients": 1})
     best: Reconstruction | None = None
     for _ in range(cfg.restarts):
         x = _start(knowledge, count, generator)

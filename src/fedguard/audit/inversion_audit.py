@@ -5,7 +5,9 @@ updates of ``per_update`` images (the configured batch size and local steps). Ea
 produced by the real client code (:func:`~fedguard.audit.knowledge.observe_update`: local SGD,
 and DP-SGD or DP-FedAvg clipping and noise when configured); the attack sees only that update,
 or, with secure aggregation, only the sum of the ``secagg_clients`` updates of the round (the
-victim's and those of ``secagg_clients - 1`` other clients, each on their own first examples).
+victim's and those of ``secagg_clients - 1`` other clients, each on their own first examples),
+which it divides by the number of clients it ran the protocol with (FedAvg's mean; the batch
+label counts are read from it) and matches by simulating each client's local training.
 Single-example updates are attacked with iDLG, the rest with Inverting Gradients. Reported:
 PSNR and SSIM of each true image against its best-matching reconstruction, and the noise
 floor (a uniform random image against the truth).
@@ -105,10 +107,12 @@ def attack_run(config: Config, images: int = 16, label: str = "", secagg_clients
                                    global_params, client_id=c) for c in range(1, group - len(mine) + 1)]
         count = per_update * len(updates)
         knowledge = knowledge_of(setup, global_params, per_update)
-        if hidden:
-            knowledge = AttackKnowledge(**{**knowledge.__dict__, "batch_size": count, "num_examples": count})
-            knowledge.notes = {"sees": f"the sum of {group} clients' updates (secure aggregation)"}
         update = sum_updates(updates)
+        if hidden:  # the server ran SecAgg with these clients: it knows their number and divides (FedAvg's mean)
+            knowledge = AttackKnowledge(**{**knowledge.__dict__, "num_examples": count, "clients": len(updates)})
+            knowledge.notes = {"sees": f"the sum of {group} clients' updates (secure aggregation), "
+                                       "attacked as their mean"}
+            update = {k: v / len(updates) for k, v in update.items()}
         result, attack_name = _attack(knowledge, update, count, ig, dlg_iterations, config.run.seed + first)
         truth.append(data.x)
         recon.append(result.images[best_match(result.images, data.x)])

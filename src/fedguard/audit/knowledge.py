@@ -44,6 +44,9 @@ class AttackKnowledge:
     input_shape: tuple[int, ...] = (1, 28, 28)
     input_range: tuple[float, float] = (0.0, 1.0)
     num_classes: int = 10
+    #: clients behind the update: with secure aggregation the server sees the mean of this many equal-sized
+    #: clients' updates (it ran the protocol with them), each of ``num_examples // clients`` examples
+    clients: int = 1
     #: what else the attacker was told (for the record)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -52,7 +55,7 @@ class AttackKnowledge:
         return {
             "model": "known (architecture and round's global parameters)",
             "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr, "momentum": self.momentum,
-            "num_examples": self.num_examples, "input_range": list(self.input_range),
+            "num_examples": self.num_examples, "clients": self.clients, "input_range": list(self.input_range),
             "labels": "not known (inferred from the last layer)", "data": "not known", **self.notes,
         }
 
