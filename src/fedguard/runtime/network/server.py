@@ -40,9 +40,10 @@ from fedguard.runtime.network.certs import client_common_name
 from fedguard.runtime.network.guard import Busy, CallGuard, Ticket
 from fedguard.runtime.network.proto import fedguard_net_v1_pb2 as pb
 from fedguard.runtime.network.settings import NetworkConfig, mutual, use_tls
-from fedguard.runtime.network.wire import (
+from fedguard.runtime.network.wire import (  # SERVICE, welcome_mac: shared with the client
     PB_DTYPES,
     PROTOCOL_VERSION,
+    SERVICE,
     TO_CLIENT,
     TO_SERVER,
     Limits,
@@ -51,11 +52,11 @@ from fedguard.runtime.network.wire import (
     WireError,
     encode,
     receive,
+    welcome_mac,
 )
 
 logger = logging.getLogger("fedguard.server")
 
-SERVICE = "fedguard.net.v1.Federation"
 SESSION_BYTES = 16
 #: largest frame the server receives: a client's 1 MiB data chunk and its framing. It is all
 #: that is buffered for a call before its header authenticates.
@@ -107,14 +108,6 @@ class RunInfo:
             setup.sampler.population,
             [len(p) for p in setup.parts],
         )
-
-
-def welcome_mac(key: bytes, w: pb.Welcome) -> bytes:
-    """The MAC of a Welcome: proves to the client that the server holds its key."""
-    model = ";".join(f"{s.name}:{s.dtype}:{list(s.shape)}" for s in w.model)
-    shape, sizes = ",".join(map(str, w.input_shape)), ",".join(map(str, w.client_sizes))
-    fields = (w.protocol_version, w.session_id, w.client_nonce, w.config_toml, model, shape, w.num_classes, sizes)
-    return auth.sign(key, "welcome", *fields)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import torch
 from google.protobuf.message import DecodeError
 
 from fedguard.messages import Message
+from fedguard.runtime.network import auth
 from fedguard.runtime.network.proto import fedguard_net_v1_pb2 as pb
 
 #: the protocol version in every Hello, Welcome and Envelope
@@ -273,3 +274,15 @@ def _finish(env: pb.Envelope, payload: bytearray, mac: hmac.HMAC, tag: bytes, wi
     meta = parse_meta(env.meta_json)
     msg = Message(env.kind, int(env.round), int(env.client_id), meta, build_tensors(env, payload))
     return Received(env, msg, wire)
+
+
+#: the gRPC service of the server (its methods: Join, Tasks, Submit)
+SERVICE = "fedguard.net.v1.Federation"
+
+
+def welcome_mac(key: bytes, w: pb.Welcome) -> bytes:
+    """The MAC of a Welcome: proves to the client that the server holds its key."""
+    model = ";".join(f"{s.name}:{s.dtype}:{list(s.shape)}" for s in w.model)
+    shape, sizes = ",".join(map(str, w.input_shape)), ",".join(map(str, w.client_sizes))
+    fields = (w.protocol_version, w.session_id, w.client_nonce, w.config_toml, model, shape, w.num_classes, sizes)
+    return auth.sign(key, "welcome", *fields)
