@@ -1,12 +1,14 @@
 """Peak RSS of ONE ``fedguard client`` process through one fit round of a net-50-like run (issue 19).
 
-    python benchmarks/client_rss.py data|dir [REPEATS] [--data-dir DIR]
+    python benchmarks/client_rss.py data|dir [REPEATS] [--zygote] [--data-dir DIR]
 
 The server serves full MNIST split among 50 clients (TLS with client certificates, as net-50)
 with ``network.min_clients = 1``; one cold ``python -m fedguard.cli client`` joins as client 0,
 with its partition as an ``.npz`` file (``data``: what net-50's clients do) or taking it from
 the dataset folder (``dir``: ``--data-dir``). Its VmHWM is read once it has sent its
-``fit_result``; then both processes are stopped. Prints one JSON line: each repeat's peak and
+``fit_result``; then both processes are stopped. With ``--zygote`` the client is forked from
+the harness's pre-imported parent (:class:`~fedguard.runtime.network.harness.ClientZygote`), as
+net-50 starts its 50 clients. Prints one JSON line: each repeat's peak and
 their median, in MiB. Not a ``run.py`` benchmark: a check for the 250 MiB target.
 """
 
@@ -14,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedguard.runtime.network.harness import LocalDeployment
+from fedguard.runtime.network.harness import ClientZygote, LocalDeployment
 
 
 def _config(data_dir: str) -> dict[str, Any]:
@@ -51,12 +56,30 @@ def peak_mib(pid: int) -> float:
     return round(int(match.group(1)) / 1024, 1)
 
 
-def one_client_peak(folder: Path, config: dict[str, Any], extra: list[str]) -> float:
+def _forked_peak(dep: LocalDeployment, folder: Path, extra: list[str]) -> float:
+    """Fork client 0 from a zygote; its peak RSS once its reply is sent (from its log)."""
+    zygote, log = ClientZygote(folder), folder / "client-0.log"
+    pid = zygote.start([*dep.client_args(0), *extra], log)
+    try:
+        end = time.monotonic() + 300
+        while not (log.exists() and re.search(r"round 1: fit_result sent", log.read_text())):
+            if time.monotonic() > end:
+                raise TimeoutError(f"client 0 sent no fit_result within 300 s; see {log}")
+            time.sleep(0.2)
+        return peak_mib(pid)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        zygote.close()
+
+
+def one_client_peak(folder: Path, config: dict[str, Any], extra: list[str], zygote: bool = False) -> float:
     """Serve one round to client 0 alone; its peak RSS once its reply is sent."""
     dep = LocalDeployment(folder, 50, config)
     try:
         server = dep.start_server(folder / "run")
         server.wait_for("listening on", 300)
+        if zygote:
+            return _forked_peak(dep, folder, extra)
         client = dep.start_client(0, extra)
         client.wait_for(r"round 1: fit_result sent", 300)
         return peak_mib(client.pid)
@@ -69,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", choices=["data", "dir"])
     parser.add_argument("repeats", type=int, nargs="?", default=3)
+    parser.add_argument("--zygote", action="store_true", help="fork the client from a pre-imported parent (net-50)")
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
     args = parser.parse_args()
     config = _config(str(Path(args.data_dir).resolve()))
@@ -77,8 +101,9 @@ def main() -> None:
         extra = ["--data-dir", config["data"]["data_dir"]]
         if args.mode == "data":
             extra = ["--data", str(_export_client_0(config, root / "client-0.npz"))]
-        peaks = [one_client_peak(root / f"run-{i}", config, extra) for i in range(args.repeats)]
-    print(json.dumps({"mode": args.mode, "peak_rss_mib": peaks, "median": statistics.median(peaks)}))
+        peaks = [one_client_peak(root / f"run-{i}", config, extra, args.zygote) for i in range(args.repeats)]
+    print(json.dumps({"mode": args.mode, "zygote": args.zygote, "peak_rss_mib": peaks,
+                      "median": statistics.median(peaks)}))
 
 
 if __name__ == "__main__":

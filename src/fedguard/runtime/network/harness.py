@@ -276,8 +276,8 @@ class ClientZygote:
         self.folder = folder
         code = (
             "import json, os, sys\n"
-            "import fedguard.runtime.network.client, fedguard.plugins, fedguard.cli\n"
-            "from fedguard.experiment import Experiment\n"
+            "import fedguard.runtime.network.client, fedguard.runtime.network.client_setup, fedguard.plugins\n"
+            "import fedguard.cli\n"
             "print('ready', flush=True)\n"
             "for line in sys.stdin:\n"
             "    job = json.loads(line)\n"
