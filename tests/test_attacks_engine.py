@@ -95,3 +95,39 @@ def test_omniscient_ipm_attack_runs_through_a_robust_rule(tmp_path) -> None:
     fedavg = _accuracy(tmp_path, "ipm-fedavg", attack)
     trimmed = _accuracy(tmp_path, "ipm-tm", [*attack, "robust.rule=trimmed-mean", "robust.byzantine=2"])
     assert fedavg < 0.2 and trimmed > 0.5, (fedavg, trimmed)
+
+
+def _fit(setup, cid: int, round: int = 1) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Client ``cid``'s update from the initial model in ``round``, and that model."""
+    from fedguard.core.messages import Message
+    from fedguard.runtime.state_store import MemoryStateStore
+
+    params = {k: v.detach().clone() for k, v in setup.model.state_dict().items()}
+    reply = setup.make_client(cid, MemoryStateStore()).handle(Message("fit", round, cid, {}, params))
+    return reply.tensors, params
+
+
+def test_a_backdoor_attacker_trains_on_its_poisoned_data_and_learns_the_trigger() -> None:
+    """The BadNets attacker (Gu et al. 2017) of a scaling attack stamps the trigger the evaluation uses on half
+    its examples, relabels them, and its local model learns it: ASR > 90% on its own triggered images of the
+    other classes (the trigger the benchmark's triggered test set carries). Before the fix, the attacker's
+    data was never poisoned and this rate sat at chance level."""
+    from fedguard.attacks.adversary import trigger_of
+    from fedguard.attacks.data import Trigger, triggered_test_set
+    from fedguard.tasks.classification import ClassificationTask
+
+    attack = ["attack.name=scaling", "attack.clients=0", "attack.boost=4", "attack.target_class=0",
+              "train.epochs=5", "train.batch_size=16", "train.lr=0.05", "train.momentum=0.9"]
+    setup = Experiment(overrides=[*SMALL, *attack]).assemble()
+    assert trigger_of(setup.config.attack) == Trigger(size=3)  # what triggered_test_set is given in the benchmark
+    update, params = _fit(setup, 0)
+    honest_update, _ = _fit(setup, 1)
+    local = {k: params[k] + update[k] / 4 for k in params}  # the attacker's trained model (boost 4 undone)
+    triggered = triggered_test_set(setup.client_data(0), trigger_of(setup.config.attack), 0)
+    task = ClassificationTask(lambda: setup.model)
+    assert task.evaluate(setup.model, local, triggered)["accuracy"] > 0.9
+    honest = {k: params[k] + honest_update[k] for k in params}
+    assert task.evaluate(setup.model, honest, triggered)["accuracy"] < 0.5  # an honest client learns no trigger
+    late, _ = _fit(Experiment(overrides=[*SMALL, *attack, "attack.start_round=2"]).assemble(), 0)
+    early = {k: params[k] + late[k] for k in params}  # honest before start_round: no trigger, no boost
+    assert task.evaluate(setup.model, early, triggered)["accuracy"] < 0.5

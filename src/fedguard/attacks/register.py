@@ -15,6 +15,7 @@ from fedguard.builders import PIPELINE_HOOKS, BuildContext, PipelineParts
 from fedguard.config import register_section
 from fedguard.core.pipeline import ClientContext, ClientStep, ConfigurationError
 from fedguard.core.types import Params
+from fedguard.data.arrays import ArrayDataset
 
 from . import vectors
 from .adversary import HostileClient, OmniscientAdversary
@@ -66,6 +67,12 @@ class AttackStep(ClientStep):
     def __init__(self, hostile: HostileClient) -> None:
         self.hostile = hostile
         self.name = f"attack:{hostile.name}"
+
+    def local_data(self, data: ArrayDataset, ctx: ClientContext) -> ArrayDataset:
+        """A Byzantine client's poisoned examples (label flip, BadNets) from ``attack.start_round`` on."""
+        if not self.hostile.active(ctx.client_id, ctx.round):
+            return data
+        return self.hostile.local_data(ctx.client_id, data)
 
     def apply(self, update: Params, ctx: ClientContext) -> Params:
         if not self.hostile.active(ctx.client_id, ctx.round):

@@ -72,6 +72,11 @@ class ClientStep:
     def configure(self, round: int, instructions: dict[str, Any]) -> None:
         """Server side: add what clients need for this round to the broadcast metadata."""
 
+    def local_data(self, data: Any, ctx: ClientContext) -> Any:
+        """Client side, before local training: the examples (an ``ArrayDataset``) this client trains on this
+        round; a simulated data-poisoning attacker (label flipping, BadNets) returns altered ones."""
+        return data
+
     def apply(self, update: Params, ctx: ClientContext) -> Params:
         """Client side: transform the update."""
         return update

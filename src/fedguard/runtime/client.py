@@ -84,9 +84,10 @@ class ClientApp:
             state=self.store.load(self.client_id),
         )
 
-    def _local(self, instructions: dict[str, Any]) -> LocalTraining:
-        """This client's task, model, data and trainer (at the round's learning rate), on its device."""
-        model, data = model_on(self.model, self.device), self.data.to(self.device)
+    def _local(self, instructions: dict[str, Any], data: ArrayDataset | None = None) -> LocalTraining:
+        """This client's task, model, data (``data``, default its own) and trainer (at the round's learning
+        rate), on its device."""
+        model, data = model_on(self.model, self.device), (self.data if data is None else data).to(self.device)
         return LocalTraining(self.task, model, data, scaled_trainer(self.trainer, instructions), self.device)
 
     def _received(self, msg: Message) -> Params:
@@ -95,7 +96,10 @@ class ClientApp:
 
     def _fit(self, msg: Message, ctx: ClientContext) -> Message:
         """The algorithm's local round, then the pipeline's client steps and the aggregator's encoding."""
-        result = self.algorithm.client_update(self._received(msg), ctx, self._local(ctx.instructions))
+        data = self.data
+        for step in self.pipeline.client_steps:  # a simulated data-poisoning attacker alters its examples
+            data = step.local_data(data, ctx)
+        result = self.algorithm.client_update(self._received(msg), ctx, self._local(ctx.instructions, data))
         ctx.state.update(result.state)
         update = result.payload
         for step in self.pipeline.client_steps:
