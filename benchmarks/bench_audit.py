@@ -16,7 +16,8 @@
   300 iterations, 1 restart), the server seeing only the round's sum over 10 clients, as each client's
   work grows: 1 image and one step (``inversion``'s case), 8 images and one step (a batch-80 gradient),
   8 images and a 5-step FedAvg update (batch 8, 5 local epochs; the attacker unrolls each client's
-  training). Two victim clients hold 8 images each; 8 other clients top the round up.
+  training). Two victim clients hold 8 images each; 8 other clients top the round up. Besides the
+  noise floor, a blank image and the mean test image against the truth (MNIST is mostly black).
 * ``membership``: the released global model of a federated run (10 clients, iid, an MLP trained
   to overfit: 20 rounds of 5 local epochs; the DP run 10 rounds of 2) on a random half of 4,000 MNIST training images
   (2,000 members, the other half the non-members; sized for this shared machine): loss threshold
@@ -39,10 +40,10 @@ from typing import Any
 
 import torch
 
-from fedguard import Config
+from fedguard import Config, Experiment
 from fedguard.audit.dp_audit import VARIANTS, audit_dp
 from fedguard.audit.inversion import InvertingGradientsConfig, describe
-from fedguard.audit.inversion_audit import attack_run, noise_floor
+from fedguard.audit.inversion_audit import attack_run, constant_floor, noise_floor
 from fedguard.audit.membership_audit import membership_run
 from fedguard.audit.pictures import save_grid, save_roc
 
@@ -155,14 +156,20 @@ def inversion_secagg(args: argparse.Namespace) -> dict[str, Any]:
         runs[name] = attack_run(_config(args, SECAGG, extra), images, name, ig=ig)
         print(f"[inversion-secagg] {name}: median PSNR {statistics.median(runs[name].psnr):.2f} dB "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    floor_psnr, floor_ssim = noise_floor(runs["secagg_1x1"].truth, seed=0)
+    truth = runs["secagg_1x1"].truth
+    floor_psnr, floor_ssim = noise_floor(truth, seed=0)
+    # two better-informed guesses than a uniform random image: MNIST is mostly black
+    test_x = Experiment(_config(args, SECAGG)).assemble().test.x
+    floors = {"noise_floor": (floor_psnr, floor_ssim), "blank_image": constant_floor(truth, torch.zeros_like(truth[0])),
+              "mean_test_image": constant_floor(truth, test_x.float().mean(0))}
     out: dict[str, Any] = {
         "psnr_median": {**{k: round(statistics.median(r.psnr), 3) for k, r in runs.items()},
-                        "noise_floor": round(statistics.median(floor_psnr), 3)},
+                        **{k: round(statistics.median(p), 3) for k, (p, _) in floors.items()}},
         "ssim_median": {**{k: round(statistics.median(r.ssim), 4) for k, r in runs.items()},
-                        "noise_floor": round(statistics.median(floor_ssim), 4)},
+                        **{k: round(statistics.median(q), 4) for k, (_, q) in floors.items()}},
         "runs": {k: r.summary() for k, r in runs.items()},
-        "noise_floor": {"psnr": [round(v, 2) for v in floor_psnr], "ssim": [round(v, 4) for v in floor_ssim]},
+        "floors": {k: {"psnr": [round(v, 2) for v in p], "ssim": [round(v, 4) for v in q]}
+                   for k, (p, q) in floors.items()},
         "attack_settings": {"inverting_gradients": describe(ig)},
         "images": images,
         "audit_wall_s": round(time.perf_counter() - t0, 1),
