@@ -8,10 +8,12 @@ safetensors file: the tensors by name and one JSON header in the safetensors met
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy.ctypeslib  # noqa: F401  (see below)
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -53,8 +55,12 @@ class Message:
             "client_id": self.client_id,
             "meta": self.meta,
         }
+        text = json.dumps(header, allow_nan=False)
+        fast = _encode_uniform(self.tensors, text)
+        if fast is not None:
+            return fast
         tensors = {k: t.detach().contiguous() for k, t in self.tensors.items()}
-        return st_save(tensors, metadata={_HEADER_KEY: json.dumps(header, allow_nan=False)})
+        return st_save(tensors, metadata={_HEADER_KEY: text})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Message:
@@ -83,6 +89,49 @@ class Message:
     def nbytes(self) -> int:
         """Payload size in bytes (tensor data only)."""
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+#: safetensors' names of the dtypes :func:`_encode_uniform` writes itself
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def _encode_uniform(tensors: Params, header_text: str) -> bytes | None:
+    """The bytes ``safetensors.torch.save`` writes for CPU ``tensors`` of one dtype, written directly;
+    None for anything else (several dtypes, another device, non-ASCII names), which goes to safetensors.
+
+    The layout is safetensors': an 8-byte little-endian header length, the JSON header (metadata
+    first, then the tensors by name in data order, padded with spaces to a multiple of 8), then
+    each tensor's bytes. With one dtype safetensors orders tensors by name alone, so the output is
+    byte for byte its own (a test compares them); its Python wrapper costs about 0.2 ms per message
+    of CNN-S (6 tensors, 116 KB) against some 20 us here, paid for every client twice a round
+    (the server's request, the client's reply).
+    """
+    values = list(tensors.values())
+    if sys.byteorder != "little" or not values:
+        return None
+    dtype = values[0].dtype
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None or any(t.dtype != dtype or t.device.type != "cpu" for t in values):
+        return None
+    if not all(k.isascii() and k.isprintable() for k in tensors):
+        return None
+    header: dict[str, Any] = {"__metadata__": {_HEADER_KEY: header_text}}
+    chunks: list[Any] = []
+    offset = 0
+    for key in sorted(tensors):
+        t = tensors[key].detach()
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": name, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+        if size:  # numpy has no bfloat16: its bytes go as uint8
+            chunks.append(t.numpy() if dtype != torch.bfloat16 and t.is_contiguous() else
+                          t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return b"".join([len(text).to_bytes(8, "little"), text, *chunks])
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

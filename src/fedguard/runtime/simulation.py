@@ -134,6 +134,13 @@ class WorkerPoolCommunicator:
             self._procs.append(proc)
 
     def exchange(self, messages: dict[int, Message]) -> Exchange:
+        """Largest client first onto whichever worker is free.
+
+        The next request is encoded while the workers train, and a free worker is sent it before
+        the server parses the reply it just got: a worker waits only for the pipe, never for the
+        server's encoding or decoding (W1, 50 CNN-S clients a round: about 0.3 ms of server CPU per
+        client that each worker used to wait for, more when the server is descheduled under load).
+        """
         result = Exchange()
         queue = sorted(messages, key=lambda c: (-self.cost(c), c), reverse=True)
 
@@ -154,17 +161,20 @@ class WorkerPoolCommunicator:
             if data is not None:
                 conn.send_bytes(data)
                 busy[conn] = True
+        ready = next_request()
         while busy:
             for conn in wait(list(busy)):
                 try:
-                    _collect(result, conn.recv_bytes(), self.traffic)
+                    reply = conn.recv_bytes()
                 except EOFError as exc:
                     raise RuntimeError("a simulation worker process died; see its error above") from exc
-                data = next_request()
-                if data is not None:
-                    conn.send_bytes(data)
+                if ready is not None:
+                    conn.send_bytes(ready)
                 else:
                     del busy[conn]
+                _collect(result, reply, self.traffic)
+                if ready is not None:
+                    ready = next_request()
         return result
 
     def close(self) -> None:
