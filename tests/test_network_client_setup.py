@@ -22,6 +22,8 @@ CONFIGS = [
     ["data.num_clients=7"],
     ["data.num_clients=5", "data.validation_fraction=0.1", "data.client_test_fraction=0.2",
      "data.max_train_examples=3000", "data.partition=iid", "train.max_steps=3"],
+    ["data.num_clients=4", "train.prox_mu=0.1", "train.max_steps=3"],
+    ["data.num_clients=4", "dp.mode=sample", "dp.noise_source=seeded", "train.max_steps=3"],
 ]
 
 

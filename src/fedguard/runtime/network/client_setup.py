@@ -52,6 +52,11 @@ class TrainSummary(ArrayDataset):
         """Classes of the whole training set."""
         return self.classes
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Refused: the summary holds the first labels only."""
+        raise TypeError("a TrainSummary holds the first labels only; read them from the training set")
+
     def subset(self, indices: Any, name: str | None = None) -> ArrayDataset:
         """Refused: the summary holds the first examples only."""
         raise TypeError("a TrainSummary holds no examples to take; take them from the training set")
