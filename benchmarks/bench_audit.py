@@ -183,6 +183,21 @@ def inversion_secagg(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def inversion_floors(args: argparse.Namespace) -> dict[str, Any]:
+    """Guesses that recover nothing against the inversion benchmarks' victim images: uniform noise, blank, mean test."""
+    setup = Experiment(_config(args, SECAGG)).assemble()
+    images = 4 if args.quick else 16
+    truth = setup.client_data(0).subset(list(range(images)), "victim").x  # attack_run's truth, in its order
+    floors = {"noise_floor": noise_floor(truth, seed=0),
+              "blank_image": constant_floor(truth, torch.zeros_like(truth[0])),
+              "mean_test_image": constant_floor(truth, setup.test.x.float().mean(0))}
+    return {"psnr_median": {k: round(statistics.median(p), 3) for k, (p, _) in floors.items()},
+            "ssim_median": {k: round(statistics.median(q), 4) for k, (_, q) in floors.items()},
+            "floors": {k: {"psnr": [round(v, 2) for v in p], "ssim": [round(v, 4) for v in q]}
+                       for k, (p, q) in floors.items()},
+            "images": images, "config": {**INVERSION, **SECAGG}}
+
+
 MEMBERSHIP = {
     "data.dataset": "mnist",
     "data.max_train_examples": 4000,
@@ -254,5 +269,5 @@ def dp_audit(args: argparse.Namespace) -> dict[str, Any]:
             "audit_wall_s": round(time.perf_counter() - t0, 1), "config": DP_AUDIT}
 
 
-BENCHMARKS = {"inversion": inversion, "inversion-secagg": inversion_secagg, "membership": membership,
-              "dp-audit": dp_audit}
+BENCHMARKS = {"inversion": inversion, "inversion-secagg": inversion_secagg, "inversion-floors": inversion_floors,
+              "membership": membership, "dp-audit": dp_audit}
