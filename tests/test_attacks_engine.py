@@ -131,3 +131,13 @@ def test_a_backdoor_attacker_trains_on_its_poisoned_data_and_learns_the_trigger(
     late, _ = _fit(Experiment(overrides=[*SMALL, *attack, "attack.start_round=2"]).assemble(), 0)
     early = {k: params[k] + late[k] for k in params}  # honest before start_round: no trigger, no boost
     assert task.evaluate(setup.model, early, triggered)["accuracy"] < 0.5
+
+
+def test_a_backdoor_run_reports_the_attack_success_rate_each_evaluation(tmp_path) -> None:
+    """issue 16's metric: under a BadNets or scaling attack every evaluation adds the ASR; other runs do not."""
+    attack = ["attack.name=backdoor", "attack.clients=0-1", "run.rounds=1", "run.eval_every=1"]
+    result = Experiment(overrides=[*SMALL, *attack]).run(run_dir=tmp_path / "bd")
+    assert 0.0 <= result.rows[-1]["test_attack_success_rate"] <= 1.0
+    assert "test_attack_success_rate" in result.final
+    clean = Experiment(overrides=[*SMALL, "run.rounds=1", "attack.name=sign-flip", "attack.clients=0"]).assemble()
+    assert not hasattr(clean.task, "attack_success_rate")

@@ -77,6 +77,8 @@ def build_classification(config: Config, train: ArrayDataset) -> Task:
 TASK_BUILDERS: dict[str, Callable[[Config, ArrayDataset], Task]] = {
     "classification": build_classification,
 }
+#: wrappers of the run's task, built-in or the user's (the backdoor attack adds its success rate to evaluations)
+TASK_HOOKS: list[Callable[[Task, Config], Task]] = []
 TRAINER_HOOKS: list[Callable[[LocalSGD, BuildContext], LocalSGD]] = []
 PIPELINE_HOOKS: list[Callable[[PipelineParts, BuildContext], None]] = []
 #: the order in which the families' hooks apply (by the package that defines them); others run after, as added
@@ -158,6 +160,15 @@ def build_task(config: Config, train: ArrayDataset) -> Task:
     if name not in TASK_BUILDERS:
         raise ConfigurationError(f"task.name: {name!r} is not available; choose one of {sorted(TASK_BUILDERS)}")
     return TASK_BUILDERS[name](config, train)
+
+
+def wrap_task(config: Config, task: Task) -> Task:
+    """``task`` with every family's :data:`TASK_HOOKS` applied (in :data:`STAGE_ORDER`)."""
+    import fedguard.plugins  # noqa: F401  (every family's hooks, whatever was imported before)
+
+    for hook in ordered(TASK_HOOKS):
+        task = hook(task, config)
+    return task
 
 
 def build_trainer(ctx: BuildContext) -> LocalSGD:

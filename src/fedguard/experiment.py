@@ -314,7 +314,7 @@ class Experiment:
         local_test: Partition | list[np.ndarray] = []
         if cfg.data.client_test_fraction > 0:
             parts, local_test = train_test_split_per_client(parts, cfg.data.client_test_fraction, cfg.run.seed)
-        task = self.user_task or builders.build_task(cfg, train)
+        task = builders.wrap_task(cfg, self.user_task or builders.build_task(cfg, train))
         model = builders.seeded_model(task, cfg.run.seed)
         sampler = self.make_sampler()
         bctx = builders.BuildContext(cfg, train, parts.sizes().tolist(), sampler, task, self.log)

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedguard.builders import PIPELINE_HOOKS, BuildContext, PipelineParts
+from fedguard.builders import PIPELINE_HOOKS, TASK_HOOKS, BuildContext, PipelineParts
 from fedguard.config import register_section
 from fedguard.core.pipeline import ClientContext, ClientStep, ConfigurationError
 from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
+from fedguard.tasks.base import Task
 
 from . import vectors
-from .adversary import HostileClient, OmniscientAdversary
-from .config import OMNISCIENT_ATTACKS, AttackConfig, byzantine_clients
+from .adversary import HostileClient, OmniscientAdversary, trigger_of
+from .config import BACKDOOR_ATTACKS, OMNISCIENT_ATTACKS, AttackConfig, byzantine_clients
+from .evaluation import BackdoorEvaluation
 
 register_section("attack", AttackConfig)
 
@@ -87,6 +89,18 @@ def attack_client_steps(ctx: BuildContext) -> list[ClientStep]:
     """The client steps of the configured attack: to run first, before clipping, noise and masking."""
     hostile = hostile_client(ctx)
     return [AttackStep(hostile)] if hostile is not None else []
+
+
+def backdoor_evaluation(task: Task, config: Any) -> Task:
+    """Under a BadNets or scaling attack, the task whose evaluations add ``attack_success_rate`` (the share
+    of the evaluation set's triggered images of other classes assigned to ``attack.target_class``)."""
+    a = getattr(config, "attack", None)
+    if a is None or a.name not in BACKDOOR_ATTACKS or isinstance(task, BackdoorEvaluation):
+        return task
+    return BackdoorEvaluation(task, trigger_of(a), a.target_class)
+
+
+TASK_HOOKS.append(backdoor_evaluation)
 
 
 def _attack_hook(parts: PipelineParts, ctx: BuildContext) -> None:
