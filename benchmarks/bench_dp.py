@@ -43,10 +43,12 @@ at full data, measured at load 7-9 and divided by the 2 worker processes): a dp-
 about 10 CPU-s in the workers (100 clients' DP-SGD steps and SecAgg+), so about 5-6 s wall; 30-round
 tune runs are then about 3 minutes each, the grid of 6 about 18-20 minutes, and dp-sample's 100 rounds
 about 10-12 minutes. A dp-client or dp-ftrl round (100 clients, one epoch of about 54 images) costs
-about 3.5 CPU-s in the workers and 0.5 s on the server: a 60-round run is about 2.5 minutes, so
-dp-client's 8 runs (3 noise levels and the reference, 2 server lrs each) about 20-22 minutes and
-dp-ftrl's 8 runs (4 noise levels, 2 server lrs each) likewise. ``--quick`` shrinks every run to a
-few rounds on 6,000 images (one noise level, both candidates; the tune: 2 candidates of 2 rounds).
+about 3.5 CPU-s in the workers (4.3 for dp-ftrl) and 0.3-0.5 s on the server: a 60-round run is
+about 2.5-3 minutes, so dp-client's 8 runs (3 noise levels and the reference, 2 server lrs each)
+about 20-22 minutes and dp-ftrl's 8 runs (4 noise levels, 2 server lrs each) 21-24 minutes.
+``--quick`` shrinks every run to a few rounds on 6,000 images (one noise level, both candidates;
+the tune: 2 candidates of 2 rounds). Wall times grow with other jobs on the cores: at load 10 a
+round took 10-20 times its idle estimate here.
 """
 
 from __future__ import annotations
