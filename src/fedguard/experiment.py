@@ -33,7 +33,12 @@ from fedguard.algorithms.sampling import ClientSampler, parse_schedule
 from fedguard.checkpoint import load_state, save_state
 from fedguard.config import Config
 from fedguard.data.arrays import ArrayDataset
-from fedguard.data.partition import Partition, label_matrix, partition, train_test_split_per_client
+from fedguard.data.partition import (
+    Partition,
+    configured_partition,
+    label_matrix,
+    train_test_split_per_client,
+)
 from fedguard.data.registry import load_dataset
 from fedguard.data.validation import stratified_split
 from fedguard.device import CPU_ONLY_TASKS, check_device_spec, resolve_device
@@ -265,16 +270,7 @@ class Experiment:
             if self.config.data.num_clients != len(parts):
                 self.config.set("data.num_clients", len(parts))
             return parts
-        d = self.config.data
-        kwargs: dict[str, Any] = {}
-        if d.partition in ("dirichlet", "quantity"):
-            kwargs["alpha"] = d.alpha
-        if d.partition == "shards":
-            kwargs["shards_per_client"] = d.shards_per_client
-        try:
-            return partition(train.labels, d.num_clients, d.partition, self.config.run.seed, **kwargs)
-        except ValueError as exc:
-            raise ConfigurationError(f"data: cannot split {len(train)} examples this way: {exc}") from exc
+        return configured_partition(self.config.data, self.config.run.seed, train.labels)
 
     def make_sampler(self) -> ClientSampler:
         """Per-round client sampling with the configured join/leave schedule."""

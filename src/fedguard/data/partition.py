@@ -432,3 +432,19 @@ def describe_partition(
     ]
     matrix = label_matrix(labels, parts, num_classes)
     return "\n".join(lines + _client_rows(matrix, max(1, max_rows)))
+
+
+def configured_partition(data: Any, seed: int, labels: np.ndarray) -> Partition:
+    """Split ``labels`` as a ``[data]`` config section says (``partition``, ``num_clients``, ``alpha``,
+    ``shards_per_client``) with ``run.seed``: the one split the simulation and every network client share."""
+    from fedguard.core.pipeline import ConfigurationError
+
+    kwargs: dict[str, Any] = {}
+    if data.partition in ("dirichlet", "quantity"):
+        kwargs["alpha"] = data.alpha
+    if data.partition == "shards":
+        kwargs["shards_per_client"] = data.shards_per_client
+    try:
+        return partition(labels, data.num_clients, data.partition, seed, **kwargs)
+    except ValueError as exc:
+        raise ConfigurationError(f"data: cannot split {len(labels)} examples this way: {exc}") from exc

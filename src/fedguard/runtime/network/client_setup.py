@@ -21,7 +21,7 @@ from fedguard import builders
 from fedguard.algorithms.sampling import ClientSampler, parse_schedule
 from fedguard.config import Config
 from fedguard.data.arrays import ArrayDataset
-from fedguard.data.partition import Partition, partition, train_test_split_per_client
+from fedguard.data.partition import Partition, configured_partition, train_test_split_per_client
 from fedguard.data.registry import load_train
 from fedguard.data.validation import stratified_split
 from fedguard.device import CPU_ONLY_TASKS, check_device_spec, resolve_device
@@ -91,15 +91,7 @@ def client_partitions(config: Config, labels: np.ndarray) -> tuple[Partition, Pa
     """(each client's training indices, each client's local test indices) into ``labels``
     (as ``Experiment.make_partitions`` and ``assemble``)."""
     d = config.data
-    kwargs: dict[str, Any] = {}
-    if d.partition in ("dirichlet", "quantity"):
-        kwargs["alpha"] = d.alpha
-    if d.partition == "shards":
-        kwargs["shards_per_client"] = d.shards_per_client
-    try:
-        parts = partition(labels, d.num_clients, d.partition, config.run.seed, **kwargs)
-    except ValueError as exc:
-        raise ConfigurationError(f"data: cannot split {len(labels)} examples this way: {exc}") from exc
+    parts = configured_partition(d, config.run.seed, labels)
     empty = np.flatnonzero(parts.sizes() == 0)
     if empty.size:
         raise ConfigurationError(f"clients {empty[:5].tolist()} got no examples (every client in the population "
