@@ -91,7 +91,7 @@ def paper_round(x, c, cis, sampled, data, option):
     return {k: x[k] + ETA_G * dy[k] for k in x}, {k: c[k] + len(sampled) / len(SIZES) * dc[k] for k in c}
 
 
-@pytest.mark.parametrize("option", [2])
+@pytest.mark.parametrize("option", [2, 1])
 def test_scaffold_rounds_match_algorithm_1(option):
     task, data, store = Linear(), datasets(), MemoryStateStore()
     torch.manual_seed(0)
@@ -116,3 +116,10 @@ def test_scaffold_rounds_match_algorithm_1(option):
     for i, ci in cis.items():
         for k in ci:
             torch.testing.assert_close(store.load(i)[f"scaffold/ci/{k}"], ci[k])
+
+
+def test_scaffold_refuses_an_unknown_option():
+    from fedguard.core.pipeline import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="scaffold_option"):
+        Scaffold(3)

@@ -142,6 +142,7 @@ class AlgorithmConfig:
     """[algorithm] the federated algorithm: what clients compute and send, and how the server applies it."""
 
     name: str = option("fedavg", "Federated algorithm: fedavg, fedprox (FedAvg with train.prox_mu > 0, Li et al. 2020), scaffold (control variates, Karimireddy et al. 2020), feddyn (dynamic regularisation, Acar et al. 2021), ditto (personal models, Li et al. 2021), fedper (local heads, Arivazhagan et al. 2019).", choices=ALGORITHMS)
+    scaffold_option: int = option(2, "SCAFFOLD's control variate (Karimireddy et al. 2020, Algorithm 1): 2 (option II, the mean corrected local step) or 1 (option I, the client's gradient at the server model over all its examples: one more pass over its data).", choices=[1, 2])
     feddyn_alpha: float = option(0.01, "FedDyn's alpha: weight of the dynamic regulariser.", min=0.0)
     ditto_lambda: float = option(0.1, "Ditto's lambda: how strongly each personal model is pulled towards the global one.", min=0.0)
     fedper_head: int = option(2, "FedPer: how many of the model's last parameter tensors form each client's own head (2: the last layer's weight and bias).", min=1)

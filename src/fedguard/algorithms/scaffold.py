@@ -1,12 +1,15 @@
 """SCAFFOLD (Karimireddy et al. 2020, "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning").
 
 Control variates correct each client's drift. The server keeps ``c``; each client keeps its own
-``c_i`` between rounds, in its state store (never on the server; zero at first). Algorithm 1,
-with option II for the client's new control variate:
+``c_i`` between rounds, in its state store (never on the server; zero at first). Algorithm 1:
 
 * server -> client: ``x`` and ``c``;
 * client: ``y = x``; K local steps ``y <- y - eta_l (g_i(y) + c - c_i)``;
-  ``c_i+ = c_i - c + (x - y) / (K eta_l)``; sends ``dy = y - x`` and ``dc = c_i+ - c_i``;
+  option II (the default, ``algorithm.scaffold_option = 2``): ``c_i+ = c_i - c + (x - y) / (K eta_l)``,
+  the mean corrected step, K the steps this client took; option I (``= 1``): ``c_i+ = g_i(x)``, the
+  gradient of the client's loss at the server model over all its examples (one more pass over its
+  data; "more stable" in the paper's words, fresh where option II's mean runs along the local path);
+  sends ``dy = y - x`` and ``dc = c_i+ - c_i``;
 * server: ``x <- x + eta_g mean(dy)`` (the pipeline's server optimiser, ``server.lr`` = eta_g);
   ``c <- c + |S| / N * mean(dc)`` over the clients S that completed, N the population.
 
@@ -41,9 +44,17 @@ DC = f"{NAME}/dc"
 
 
 class Scaffold(ModelDelta):
-    """SCAFFOLD with option II control variates; see the module docstring."""
+    """SCAFFOLD with option ``option`` (1 or 2) control variates; see the module docstring.
+
+    ``chunk``: examples per forward pass of option I's gradient (the mean over all of them is the same).
+    """
 
     name = NAME
+
+    def __init__(self, option: int = 2, chunk: int = 512) -> None:
+        if option not in (1, 2):
+            raise ConfigurationError(f"algorithm.scaffold_option must be 1 or 2, got {option}")
+        self.option, self.chunk = option, chunk
 
     def check(self, task: Any) -> None:
         from fedguard.tasks.base import Task
@@ -84,20 +95,38 @@ class Scaffold(ModelDelta):
         steps = metrics.get("steps", 0.0)
         with torch.no_grad():
             dy = {k: y[k] - x[k] for k in x}
-            if steps > 0:
+        if steps <= 0:
+            ci_new = dict(ci)
+        elif self.option == 1:
+            ci_new = full_gradient(x, local, self.chunk)
+        else:
+            with torch.no_grad():
                 # option II: c_i+ = c_i - c + (x - y) / (K eta_l), eta_l the effective step (see the module docstring)
                 scale = (1.0 - trainer.momentum) / (steps * trainer.lr * trainer.lr_scale)
                 ci_new = {k: ci[k] - c[k] - dy[k] * scale for k in x}
-            else:
-                ci_new = dict(ci)
+        with torch.no_grad():
             dc = {k: (ci_new[k] - ci[k]).cpu() for k in x}
             payload = {**{k: v.cpu() for k, v in dy.items()}, **prefixed(DC, dc)}
         return ClientResult(payload, metrics, prefixed(CI, {k: v.cpu() for k, v in ci_new.items()}))
 
     def describe(self) -> dict[str, Any]:
-        return {"algorithm": self.name}
+        return {"algorithm": self.name, "scaffold_option": self.option}
+
+
+def full_gradient(x: Params, local: LocalTraining, chunk: int) -> Params:
+    """Option I's ``g_i(x)``: the gradient of the mean loss over all the client's examples at ``x``, plus the
+    trainer's weight decay (part of the local objective its steps descend), accumulated chunk by chunk."""
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in x.items()}
+    total = {k: torch.zeros_like(v) for k, v in x.items()}
+    data, n = local.data, len(local.data)
+    for idx in torch.arange(n, device=data.x.device).split(chunk):
+        loss = local.task.loss(local.model, params, (data.x[idx], data.y[idx])) * (len(idx) / n)  # type: ignore[attr-defined]
+        for k, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+            total[k].add_(g)
+    decay = float(getattr(local.trainer, "weight_decay", 0.0))
+    return {k: total[k] + decay * x[k].detach() for k in x} if decay else total
 
 
 def build(config: Any) -> Scaffold:
-    """SCAFFOLD (no settings of its own: eta_g is ``server.lr``, eta_l ``train.lr``)."""
-    return Scaffold()
+    """SCAFFOLD with ``algorithm.scaffold_option`` (eta_g is ``server.lr``, eta_l ``train.lr``)."""
+    return Scaffold(int(config.algorithm.scaffold_option))
