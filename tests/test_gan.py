@@ -75,3 +75,16 @@ def test_short_federated_run_lowers_fd_and_shows_progress(tmp_path, monkeypatch)
     for name in ["gan_samples_final.png", "gan_progress_final.png"]:
         assert (plots / name).stat().st_size > 1000 and name in report
     assert "FD in mnist-5k-classifier features" in report
+
+
+def test_fd_reference_statistics_are_kept_per_image_set_never_shared_between_validation_and_test():
+    """A run with a validation split scores validation images each round and the test images at the end, at the
+    same size: the test FD must be measured against the test images' statistics, not the cached validation ones."""
+    torch.manual_seed(0)
+    task = GANTask((1, 4, 4), FrechetScorer(FeatureCNN(1, 4, 2)), latent=3, hidden=8)
+    validation = ArrayDataset(torch.rand(50, 1, 4, 4), torch.zeros(50, dtype=torch.long))
+    test = ArrayDataset(torch.rand(50, 1, 4, 4) * 0.1, torch.zeros(50, dtype=torch.long))
+    first = task.reference(validation, 40)
+    assert not torch.equal(task.reference(test, 40)[0], first[0])
+    assert torch.equal(task.reference(test, 40)[0], task.scorer.stats(test.x[:40])[0])
+    assert task.reference(validation, 40) is first  # still computed once per set and size

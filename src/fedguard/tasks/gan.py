@@ -120,7 +120,8 @@ class GANTask(Task):
         self.g_norm, self.d_dropout = g_norm, d_dropout
         self.kind, self.d_steps, self.lr, self.beta1 = loss, d_steps, lr, beta1
         self.eval_samples, self.final_samples, self.feature_name = eval_samples, final_samples, feature_name
-        self._ref: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: per (image set, size): the set itself (so that its id stays unique) and its feature statistics
+        self._ref: dict[tuple[int, int], tuple[ArrayDataset, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.progress: dict[int, torch.Tensor] = {}
 
     def build_model(self) -> nn.Module:
@@ -183,11 +184,14 @@ class GANTask(Task):
         return torch.cat([self.generate(model, params, z[i : i + batch_size]) for i in range(0, n, batch_size)])
 
     def reference(self, data: ArrayDataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feature statistics of the first ``n`` images of ``data`` (computed once per size)."""
+        """Feature statistics of the first ``n`` images of ``data``, computed once per image set and size (a run
+        with a validation split scores the validation and the test images at the same size: neither may be
+        scored against the other's statistics)."""
         n = min(n, len(data))
-        if n not in self._ref:
-            self._ref[n] = self.scorer.stats(data.x[:n])
-        return self._ref[n]
+        key = (id(data), n)
+        if key not in self._ref:
+            self._ref[key] = (data, self.scorer.stats(data.x[:n]))
+        return self._ref[key][1]
 
     def fd(self, model: nn.Module, params: Params, data: ArrayDataset, n: int) -> float:
         """FD between ``n`` generated images and the first ``n`` images of ``data``."""
