@@ -18,19 +18,18 @@ FedAvg's rate. Why: at the usual 0.1, a probe of SCAFFOLD (10 of 100 clients a r
 diverged after round 36 on shards (accuracy back to 10%), a known instability of its control variates
 at low participation (NIID-Bench, Li et al. 2022, reports SCAFFOLD failing on some label-skewed splits).
 
-SCAFFOLD's control variate is tuned too (``TUNE_VARIANTS``): option II of Karimireddy et al.'s Algorithm 1
-(``c_i+`` = the mean corrected local step, free) and option I (``c_i+`` = the client's gradient at the
-server model over all its examples, one more pass over its data, which the paper calls more stable). Why:
-the 2026-12-03 tune on validation had SCAFFOLD ahead of FedAvg for 20 rounds at rate 0.1 (93.2% against
-92.1% at round 20) and then stalled at 93-95% with dips (81% at round 45) where FedAvg kept climbing; the
-test run at 0.05 fell from 93.5% to 68% at round 55. The implementation matches Algorithm 1 (checked
-round by round against the formulas in tests/test_scaffold_round.py), so what is left is the variance of
-option II's control variates: each client's ``c_i`` is the mean gradient along its own corrected path,
-refreshed about every 10 rounds at this participation, and ``c`` averages those stale estimates. Option I
-estimates each ``c_i`` at one point, the server model it was sent; the tune keeps whichever variant and
-rate reach 95% first on validation, and ``noniid`` runs SCAFFOLD with that choice (``tuned_set`` in its
-line). Other knobs the issue allows were not added: more local epochs change every algorithm alike and
-multiply the runtime; a server rate other than 1 slows FedAvg's own step.
+SCAFFOLD does not beat FedAvg here, and not for a bug (2026-12-03): the implementation was checked round by
+round against Karimireddy et al.'s Algorithm 1 (tests/test_scaffold_round.py: K this client's own steps,
+the step's own rate in option II, the mean ``dc`` times ``|S|/N``, the server rate on ``dy`` only, ``c_i``
+kept in the client's state). On validation (the tune's curves) SCAFFOLD at 0.1 leads FedAvg for 20 rounds
+(93.2% against 92.1% at round 20) and then stalls at 93-95% with dips (81% at round 45) while FedAvg keeps
+climbing. Option I of Algorithm 1 (``algorithm.scaffold_option = 1``: ``c_i+`` = the client's gradient at the
+server model), tried as the remedy the paper names, is far worse on the same validation data at 0.1:
+9-50% over 21 rounds (a probe, not kept). A likely cause: on two-class clients the gradient at the
+global model is large, so ``c - c_i`` is too, and it stays stale for about 10 rounds at this
+participation; option II's ``c_i``, the mean gradient along the client's path, is smaller. So the tune
+keeps option II. Other knobs the issue allows (more local epochs for every algorithm alike, a server rate
+other than 1) were not probed: on this machine's spare CPU a 20-round probe took 10-30 minutes.
 
 For each split and algorithm the result line holds ``rounds_to_95`` (the first round whose global
 model reaches 95% on a fixed subset of 2,000 test images scored every round; null when none does),
@@ -71,13 +70,8 @@ ROUNDS = 60
 MONITOR = 2000
 #: the tune: training images 55,000-59,999 are its validation block (the tune trains on the rest)
 VALIDATION = (55000, 60000)
+TUNE_ALGORITHMS = ("fedavg", "scaffold")
 TUNE_LRS = (0.03, 0.05, 0.1)
-#: the tune's variants (name -> overrides) of each tuned algorithm, each tried at every rate of ``TUNE_LRS``:
-#: SCAFFOLD's two control variates of Karimireddy et al. 2020, Algorithm 1 (see the module docstring)
-TUNE_VARIANTS: dict[str, dict[str, list[str]]] = {
-    "fedavg": {"": []},
-    "scaffold": {"option-2": ["algorithm.scaffold_option=2"], "option-1": ["algorithm.scaffold_option=1"]},
-}
 TARGET = 0.95
 #: rounds over which the sampled clients' own-split accuracies are averaged
 LAST = 10
@@ -160,10 +154,9 @@ def load_splits(args: argparse.Namespace) -> tuple[ArrayDataset, ArrayDataset, A
 
 def run_one(split: str, name: str, args: argparse.Namespace,
             data: tuple[ArrayDataset, ArrayDataset, ArrayDataset], lr: float | None = None,
-            folder: str = "noniid", variant: tuple[str, list[str]] = ("", [])) -> tuple[dict[str, Any], list[float]]:
-    """One run: its figures and its per-round accuracy curve on the monitored subset (``variant``: a name
-    and the overrides it adds to the algorithm's)."""
-    overrides = [*WORKLOAD, f"data.data_dir={args.data_dir}", *SPLITS[split], *ALGORITHMS[name], *variant[1]]
+            folder: str = "noniid") -> tuple[dict[str, Any], list[float]]:
+    """One run: its figures and its per-round accuracy curve on the monitored subset."""
+    overrides = [*WORKLOAD, f"data.data_dir={args.data_dir}", *SPLITS[split], *ALGORITHMS[name]]
     if name not in PERSONALISED:
         overrides += GLOBAL_ONLY
     if args.quick:
@@ -171,7 +164,7 @@ def run_one(split: str, name: str, args: argparse.Namespace,
     if lr is not None:
         overrides.append(f"train.lr={lr}")
     overrides += list(args.set)
-    out = Path(args.out) / folder / split / name / variant[0] / (f"lr-{lr}" if lr is not None else "")
+    out = Path(args.out) / folder / split / name / (f"lr-{lr}" if lr is not None else "")
     train, monitor, test = data
     experiment = Experiment(overrides=overrides, train=train, test=monitor, quiet=True)
     result = experiment.run(run_dir=out)
@@ -220,46 +213,30 @@ def _score(figures: dict[str, Any]) -> tuple[float, float]:
     return (float("inf") if rounds is None else rounds, -float(figures["accuracy"]))
 
 
-def _run_key(variant: str, lr: float) -> str:
-    """A tune run's key in the result line: the rate, after the variant's name when it has one."""
-    return f"{variant}/{lr}" if variant else str(lr)
-
-
 def noniid_tune(args: argparse.Namespace) -> dict[str, Any]:
-    """The local learning rate of FedAvg, and the rate and control variate of SCAFFOLD, chosen on a validation
-    split (shards)."""
+    """The local learning rate of FedAvg and of SCAFFOLD, chosen on a validation split (shards)."""
     data = validation_splits(args)
     runs: dict[str, dict[str, Any]] = {}
-    chosen_lr: dict[str, float] = {}
-    chosen_set: dict[str, list[str]] = {}
-    for name, variants in TUNE_VARIANTS.items():
-        tried = [(variant, lr) for variant in variants for lr in TUNE_LRS]
-        runs[name] = {_run_key(v, lr): run_one("shards", name, args, data, lr, "noniid-tune", (v, variants[v]))[0]
-                      for v, lr in tried}
-        variant, lr = min(tried, key=lambda t: _score(runs[name][_run_key(*t)]))
-        chosen_lr[name], chosen_set[name] = float(lr), variants[variant]
+    for name in TUNE_ALGORITHMS:
+        runs[name] = {str(lr): run_one("shards", name, args, data, lr, "noniid-tune")[0] for lr in TUNE_LRS}
+    chosen = {name: float(min(by_lr, key=lambda lr: _score(by_lr[lr]))) for name, by_lr in runs.items()}
     return {
-        "chosen_lr": chosen_lr,
-        "chosen_set": chosen_set,
+        "chosen_lr": chosen,
         "rule": "per algorithm, the fewest rounds to 95% on 2,000 validation images (then the higher final accuracy "
-                "on the 5,000-image validation block), over its rates and variants; FedProx, FedDyn, Ditto and FedPer "
-                "take FedAvg's rate",
+                "on the 5,000-image validation block); FedProx, FedDyn, Ditto and FedPer take FedAvg's",
         "runs": runs,
         "validation": list(VALIDATION),
-        "config": {"workload": WORKLOAD + (QUICK if args.quick else []), "lrs": TUNE_LRS, "variants": TUNE_VARIANTS,
-                   "split": "shards"},
+        "config": {"workload": WORKLOAD + (QUICK if args.quick else []), "lrs": TUNE_LRS, "split": "shards"},
     }
 
 
-def _tuned(name: str) -> tuple[float | None, list[str]]:
-    """The tune's learning rate for ``name`` (FedAvg's for the FedAvg-like algorithms; None without a tune) and
-    the overrides of its chosen variant."""
+def _tuned_lr(name: str) -> float | None:
+    """The tune's learning rate for ``name`` (FedAvg's for the FedAvg-like algorithms); None without a tune."""
     path = RESULTS / "noniid-tune.json"
     if not path.exists():
-        return None, []
-    line = json.loads(path.read_text().strip().splitlines()[-1])
-    chosen = line["chosen_lr"]
-    return chosen.get(name, chosen.get("fedavg")), list(line.get("chosen_set", {}).get(name, []))
+        return None
+    chosen = json.loads(path.read_text().strip().splitlines()[-1])["chosen_lr"]
+    return chosen.get(name, chosen.get("fedavg"))
 
 
 def noniid(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,14 +244,11 @@ def noniid(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     curves: dict[str, dict[str, list[float]]] = {}
     data = load_splits(args)
-    tuned = {name: (None, []) if args.quick else _tuned(name) for name in ALGORITHMS}
-    lrs = {name: lr for name, (lr, _) in tuned.items()}
-    chosen = {name: extra for name, (_, extra) in tuned.items() if extra}
+    lrs = {name: None if args.quick else _tuned_lr(name) for name in ALGORITHMS}
     for split in SPLITS:
         results[split], curves[split] = {}, {}
         for name in ALGORITHMS:
-            variant = ("tuned", chosen[name]) if name in chosen else ("", [])
-            results[split][name], curves[split][name] = run_one(split, name, args, data, lrs[name], variant=variant)
+            results[split][name], curves[split][name] = run_one(split, name, args, data, lrs[name])
     picture = (Path(args.out) / "noniid" if args.quick else RESULTS) / "noniid.png"
     plot(curves, picture)
     return {
@@ -283,7 +257,6 @@ def noniid(args: argparse.Namespace) -> dict[str, Any]:
         "plot": str(picture.relative_to(HERE.parent)) if picture.is_relative_to(HERE.parent) else str(picture),
         "validation_selected": all(lr is not None for lr in lrs.values()),
         "lr": lrs,
-        "tuned_set": chosen,
         "config": {"workload": WORKLOAD + (QUICK if args.quick else []), "splits": SPLITS, "algorithms": ALGORITHMS,
                    "target": TARGET, "personalized_over_last_rounds": LAST, "overrides": list(args.set)},
     }

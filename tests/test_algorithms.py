@@ -245,36 +245,6 @@ def test_noniid_benchmark_figures():
     assert sorted(bench.ALGORITHMS) == sorted(["fedavg", "fedprox", "scaffold", "feddyn", "ditto", "fedper"])
 
 
-def test_noniid_tune_chooses_scaffold_option_and_rate_on_validation(monkeypatch, tmp_path):
-    import argparse
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_noniid.py"
-    spec = importlib.util.spec_from_file_location("bench_noniid_tune", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    calls = []
-
-    def run_one(split, name, args, data, lr, folder, variant):
-        calls.append((name, variant[0], lr))
-        fast = name == "scaffold" and variant[0] == "option-1" and lr == 0.05
-        return {"rounds_to_95": 20 if fast else 30, "accuracy": 0.96}, []
-
-    monkeypatch.setattr(bench, "run_one", run_one)
-    monkeypatch.setattr(bench, "validation_splits", lambda args: None)
-    line = bench.noniid_tune(argparse.Namespace(quick=True))
-    assert len(calls) == 9 and {c[0] for c in calls} == {"fedavg", "scaffold"}
-    assert line["chosen_lr"] == {"fedavg": 0.03, "scaffold": 0.05}
-    assert line["chosen_set"] == {"fedavg": [], "scaffold": ["algorithm.scaffold_option=1"]}
-    assert line["runs"]["scaffold"]["option-1/0.05"]["rounds_to_95"] == 20
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    (tmp_path / "noniid-tune.json").write_text(json.dumps(line) + "\n")
-    assert bench._tuned("scaffold") == (0.05, ["algorithm.scaffold_option=1"])
-    assert bench._tuned("feddyn") == (0.03, [])
-
-
 def test_pipeline_hooks_apply_in_the_stated_order_whatever_the_import_order():
     from fedguard import builders
 
