@@ -140,6 +140,9 @@ def test_hostile_client_poisons_only_its_own_data_and_update() -> None:
     assert not noise.trains() and noise.update(update, gen)["w"].shape == (3,)
     omni = HostileClient(AttackConfig(name="alie"), frozenset({3}), 10)
     assert not omni.trains() and torch.equal(omni.update(update, gen)["w"], torch.zeros(3))
+    for skipper in (noise, omni):  # their update ignores training: one example, not the client's data
+        one = skipper.local_data(3, data)
+        assert len(one) == 1 and torch.equal(one.x[0], data.x[0])
 
 
 def test_backdoor_evaluation_reports_the_attack_success_rate() -> None:
