@@ -141,3 +141,22 @@ def test_a_backdoor_run_reports_the_attack_success_rate_each_evaluation(tmp_path
     assert "test_attack_success_rate" in result.final
     clean = Experiment(overrides=[*SMALL, "run.rounds=1", "attack.name=sign-flip", "attack.clients=0"]).assemble()
     assert not hasattr(clean.task, "attack_success_rate")
+
+
+def test_norm_bounding_caps_a_model_replacement_attacker_at_an_honest_share() -> None:
+    """A scaling (model-replacement) attacker boosts its update 1,000-fold (Bagdasaryan et al. 2020). Norm
+    bounding (Sun et al. 2019) clips each client's *update* before the mean, so the attacker moves the
+    aggregate by at most M / n, whatever its boost, and honest updates under the bound pass unchanged."""
+    honest = [{"w": torch.full((4,), 0.1 * (1 + i % 3)), "b": torch.tensor([0.05])} for i in range(9)]
+    direction = {"w": torch.tensor([1.0, -1.0, 1.0, -1.0]), "b": torch.tensor([1.0])}
+    attacker = {k: 1000.0 * v for k, v in direction.items()}
+    bound = 1.0
+    rule = RobustAggregator(Chain(NormBound(bound)))
+    clean, _ = rule.combine(honest)
+    attacked, figures = rule.combine([*honest, attacker])
+    shift = torch.cat([attacked[k] - clean[k] * 9 / 10 for k in ("w", "b")])
+    unit = torch.cat([direction["w"], direction["b"]])
+    assert torch.allclose(shift, unit / unit.norm() * bound / 10, atol=1e-6)  # clipped to M, weight 1/n
+    for k in clean:  # every honest update is within the bound: their mean is untouched
+        assert torch.allclose(clean[k], torch.stack([h[k] for h in honest]).mean(0))
+    assert figures["clipped_share"] == pytest.approx(0.1)
