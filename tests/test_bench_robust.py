@@ -1,0 +1,53 @@
+"""The robustness tune's norm-bound grid and choice (issue 16): bounds relative to the honest update norm,
+weak-DP noise calibrated to the bound, and the validation rule that picks them (no training here)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+bench = pytest.importorskip("bench_robust")
+
+
+def test_norm_bound_grid_is_relative_to_the_honest_norm() -> None:
+    rows = [{"attack": "none", "update_norm_median": v} for v in (0.4, 0.5, 0.9)]
+    rows.append({"attack": "alie", "update_norm_median": 50.0})  # attacked cells do not set the scale
+    m = bench.honest_norm(rows)
+    assert m == 0.5
+    cells = bench.norm_bound_cells(m, 50)
+    assert len(cells) == len(bench.BOUND_FACTORS) * len(bench.NOISE_MULTIPLIERS)
+    bounds = sorted({c.overrides["robust.norm_bound"] for c in cells})
+    assert bounds[0] == pytest.approx(min(bench.BOUND_FACTORS) * m) and bounds[-1] == pytest.approx(2 * m)
+    for c in cells:  # sigma = z M / n, the backdoor (scaling) attack in every cell
+        assert c.overrides["robust.noise_std"] == pytest.approx(c.extra["z"] * c.overrides["robust.norm_bound"] / 50)
+        assert c.backdoor and c.overrides["attack.name"] == "scaling"
+
+
+def _row(bound: float, noise: float, accuracy: float, asr: float) -> dict[str, float]:
+    return {"bound": bound, "noise": noise, "accuracy": accuracy, "asr": asr}
+
+
+def test_choice_takes_the_lowest_asr_among_accurate_cells() -> None:
+    rows = [
+        _row(0.1, 0.0, 0.90, 0.01),  # lowest ASR, but 7 points below clean: refused
+        _row(0.2, 0.0, 0.965, 0.40),
+        _row(0.5, 0.0, 0.972, 0.95),
+        _row(0.5, 0.01, 0.968, 0.30),
+        _row(0.2, 0.004, 0.955, 0.05),  # too inaccurate
+    ]
+    chosen = bench.choose_norm_bound(rows, clean=0.97)
+    assert chosen == {"norm_bound": 0.2, "dp_norm_bound": 0.5, "noise_std": 0.01}
+    none_ok = bench.choose_norm_bound(rows[:1], clean=0.99)  # no cell accurate enough: the lowest ASR of all
+    assert none_ok == {"norm_bound": 0.1, "dp_norm_bound": 0.1, "noise_std": 0.0}
+
+
+def test_the_weak_dp_row_uses_its_own_bound() -> None:
+    tuned = {"tau": 1.0, "norm_bound": 0.5, "dp_norm_bound": 0.2, "noise_std": 0.003}
+    rows = bench.backdoor_defenses(tuned, "root.safetensors")
+    assert rows["norm-bound"]["robust.norm_bound"] == 0.5
+    assert rows["norm-bound+dp"]["robust.norm_bound"] == 0.2 and rows["norm-bound+dp"]["robust.noise_std"] == 0.003
+    old = bench.backdoor_defenses({"tau": 1.0, "norm_bound": 0.5, "noise_std": 0.0}, "root.safetensors")
+    assert old["norm-bound+dp"]["robust.norm_bound"] == 0.5  # a tune line without dp_norm_bound
