@@ -381,12 +381,13 @@ BOUND_FACTORS = (0.125, 0.25, 0.5, 1.0, 2.0)
 NOISE_MULTIPLIERS = (0.0, 0.1, 0.3, 1.0)
 
 
-def _tau_cells() -> list[Cell]:
-    """Clean FedAvg, then centered clipping at every ``TAU`` under no attack, ALIE, IPM and sign flipping."""
+def _tau_cells(f: int) -> list[Cell]:
+    """Clean FedAvg, then centered clipping at every ``TAU`` under no attack and ``f`` ALIE, IPM or sign-flipping
+    clients."""
     cells = [Cell("none__fedavg", {}, "none", "fedavg")]
     for tau in TAU:
         for attack in ("none", "alie", "ipm", "sign-flip"):
-            over = {**ATTACKS[attack], **({"attack.count": BYZANTINE} if attack != "none" else {}),
+            over = {**ATTACKS[attack], **({"attack.count": f} if attack != "none" else {}),
                     "robust.rule": "centered-clipping", "robust.tau": tau}
             cells.append(Cell(f"{attack}__cc-{tau}", over, attack, f"centered-clipping@{tau}", extra={"tau": tau}))
     return cells
@@ -435,7 +436,7 @@ def bench_tune(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / f"robustness-tune-{int(time.time())}"
     out.mkdir(parents=True, exist_ok=True)
     data = load_data(args, out, for_test=False)
-    first = _tau_cells()[:3] if args.quick else _tau_cells()
+    first = _tau_cells(2)[:3] if args.quick else _tau_cells(BYZANTINE)  # quick: 12 clients, f = 2
     rows = run_cells(args, first, data, out)
     for c, r in zip(first, rows, strict=True):
         r.update(c.extra)
