@@ -28,6 +28,10 @@ it at all.
   central noise and adaptive clipping at three noise multipliers, delta 1e-5: the accuracy-epsilon
   curve. At each noise level, and for the non-private reference, the server lr is chosen among
   ``CLIENT_SERVER_LR`` on validation; the test accuracy is the chosen run's.
+* ``dp-client-secagg``: dp-client at z 1.0 with the noise split among the clients as discrete Gaussian
+  shares in the SecAgg+ ring (1 colluding client), fixed clip 0.5 (adaptive clipping is refused there), the
+  server lr chosen on validation likewise: the server sees only noised sums, so epsilon against it is finite
+  (each client's un-amplified composition over the rounds it took part in: the server knows its sample).
 * ``dp-ftrl``: the same partition, DP-FTRL with tree aggregation (no sampling: each client once per
   epoch of 10 rounds of 100 clients; 6 trees), at four node-noise multipliers, the server lr chosen
   likewise.
@@ -152,6 +156,14 @@ DP_CLIENT = {
     "run.eval_every": 0,
 }
 CLIENT_NOISE = (0.5, 1.0, 2.0)
+
+#: the same with the noise split among the clients as discrete Gaussian shares in the SecAgg+ ring: the server
+#: never sees an un-noised update, so epsilon against it is finite (each client's un-amplified composition: the
+#: server knows its own sample). Fixed clip 0.5 (adaptive clipping would send each client's clip indicator
+#: outside the secure sum: refused), the 1 colluding client of the default.
+DP_CLIENT_SECAGG = {**{k: v for k, v in DP_CLIENT.items() if k != "dp.adaptive_clip"},
+                    "dp.noise_placement": "distributed", "secure.mode": "secagg", "dp.colluding_clients": 1}
+CLIENT_SECAGG_NOISE = (1.0,)
 
 #: DP-FTRL on the same partition: 100 clients per round, each once per 10-round epoch (tree)
 DP_FTRL = {**{k: v for k, v in DP_CLIENT.items() if not k.startswith("dp.")}, "dp.mode": "ftrl", "dp.clip": 0.5,
@@ -432,7 +444,7 @@ def client_curve(cfg: dict[str, Any], levels: tuple[float, ...], name: str, args
     settings = [{"server.lr": lr} for lr in CLIENT_SERVER_LR]
     data = load_splits(args, cfg, quick)
     points, config = [], None
-    for z in levels[1:2] if args.quick else levels:
+    for z in (levels[1:2] or levels[:1]) if args.quick else levels:
         best, trials, accuracy = select(cfg, args, f"{name}-z{z}", {"dp.noise_multiplier": z, **quick}, settings,
                                         data)
         points.append(_curve_point(z, best, trials, accuracy))
@@ -460,6 +472,11 @@ def client_curve(cfg: dict[str, Any], levels: tuple[float, ...], name: str, args
 def dp_client(args: argparse.Namespace) -> dict[str, Any]:
     """Client-level DP-FedAvg on W1's 1,000 clients: the accuracy-epsilon curve, settings chosen on validation."""
     return client_curve(DP_CLIENT, CLIENT_NOISE, "dp-client", args, reference=True)
+
+
+def dp_client_secagg(args: argparse.Namespace) -> dict[str, Any]:
+    """Client-level DP-FedAvg with distributed noise in the SecAgg+ ring: a finite epsilon against the server."""
+    return client_curve(DP_CLIENT_SECAGG, CLIENT_SECAGG_NOISE, "dp-client-secagg", args, reference=False)
 
 
 def dp_ftrl(args: argparse.Namespace) -> dict[str, Any]:
@@ -528,6 +545,7 @@ BENCHMARKS = {
     "dp-sample": dp_sample,
     "dp-sample-local": dp_sample_local,
     "dp-client": dp_client,
+    "dp-client-secagg": dp_client_secagg,
     "dp-ftrl": dp_ftrl,
     "dp-overhead": dp_overhead,
 }

@@ -60,11 +60,13 @@ def test_dp_sample_reads_the_committed_tune_line_and_says_when_there_is_none(ben
 
 def test_every_tuned_workload_holds_out_validation_at_delta_at_most_1e_5(bench):
     args = argparse.Namespace(data_dir="", quick=False)
-    for cfg in (bench.DP_SAMPLE, bench.DP_CLIENT, bench.DP_FTRL):
+    for cfg in (bench.DP_SAMPLE, bench.DP_CLIENT, bench.DP_CLIENT_SECAGG, bench.DP_FTRL):
         for extra in ({}, bench.QUICK_CLIENT if cfg is not bench.DP_SAMPLE else {"run.rounds": 3}):
             config = Config.load(None, bench._overrides(cfg, args, extra))  # every key exists and validates
             assert config.data.validation_fraction == bench.VALIDATION_FRACTION
             assert 0 < config.dp.delta <= 1e-5
     assert bench.DP_SAMPLE_LOCAL["data.validation_fraction"] == 0.0  # not chosen on validation: its line says so
     assert len(bench.SAMPLE_LR) >= 2 and len(bench.SAMPLE_MOMENTUM) >= 2 and len(bench.CLIENT_SERVER_LR) >= 2
-    assert {"dp-sample-tune", "dp-sample", "dp-client", "dp-ftrl"} <= set(bench.BENCHMARKS)
+    assert {"dp-sample-tune", "dp-sample", "dp-client", "dp-client-secagg", "dp-ftrl"} <= set(bench.BENCHMARKS)
+    secagg = Config.load(None, bench._overrides(bench.DP_CLIENT_SECAGG, args))
+    assert (secagg.dp.noise_placement, secagg.secure.mode, secagg.dp.adaptive_clip) == ("distributed", "secagg", False)
