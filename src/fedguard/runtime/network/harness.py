@@ -31,6 +31,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+READER_DRAIN_S = 60.0  # the output pipe closes when the child exits; only a stuck grandchild waits this long
+
+
 class Proc:
     """A child process whose combined output is kept line by line (and written to a log file)."""
 
@@ -95,9 +98,11 @@ class Proc:
             os.kill(self.popen.pid, sig)
 
     def wait(self, timeout: float) -> int:
-        """The exit code, waiting up to ``timeout`` seconds."""
+        """The exit code, waiting up to ``timeout`` seconds, then for the reader to reach the end
+        of the child's output (its last lines, such as why a run failed, are written just before it
+        exits, and on a loaded machine the reader thread may take seconds to be scheduled)."""
         rc = self.popen.wait(timeout=timeout)
-        self._reader.join(timeout=5)
+        self._reader.join(timeout=READER_DRAIN_S)
         return rc
 
 
