@@ -7,9 +7,7 @@ dp-sample-tune line, and the workloads' configurations.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,18 +15,6 @@ import pytest
 from fedguard import Config
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_dp.py"
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_dp_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def _trial(bench, setting, score, loss=1.0, error=None):

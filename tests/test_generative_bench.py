@@ -8,9 +8,7 @@ shrunken model on 600 images) run against a test set that raises when anything t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,18 +22,6 @@ TINY = ["data.max_train_examples=600", "data.num_clients=3", "run.workers=1", "r
 TINY_GAN = [*TINY, "gan.hidden=16", "gan.latent=8", "gan.fd_epochs=1"]
 TINY_MAE = [*TINY, "mae.dim=16", "mae.depth=1", "mae.heads=2", "mae.decoder_dim=8", "mae.probe_iters=10",
             "mae.eval_examples=50"]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_generative_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through sys.modules
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 class Untouchable:
