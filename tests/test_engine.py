@@ -47,6 +47,27 @@ def test_multi_round_run_learns_and_writes_run_folder(tmp_path):
     assert again.rows[-1]["test_accuracy"] == rows[-1]["test_accuracy"]
 
 
+def test_the_final_figures_reuse_the_last_rounds_evaluation(tmp_path, monkeypatch):
+    """The last round evaluates the final model; the run's final figures do not read the test set again."""
+    from fedguard.tasks.classification import ClassificationTask
+
+    calls = []
+    original = ClassificationTask.evaluate
+
+    def counting(self, model, params, data):
+        calls.append(len(data))
+        return original(self, model, params, data)
+
+    monkeypatch.setattr(ClassificationTask, "evaluate", counting)
+    result = run(tmp_path, "run.rounds=2", "run.eval_every=0")
+    assert len(calls) == 1
+    assert result.final["test_accuracy"] == result.rows[-1]["test_accuracy"]
+    calls.clear()
+    with_validation = run(tmp_path, "run.rounds=1", "data.validation_fraction=0.2", name="val")
+    assert len(calls) == 2  # the last round's validation, then the test set once
+    assert with_validation.final["val_accuracy"] == with_validation.rows[-1]["val_accuracy"]
+
+
 def test_a_run_leaves_the_callers_torch_threads_as_they_were(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -97,6 +97,8 @@ class Server:
         self.algorithm = pipeline.algorithm
         self.algorithm_state: Params = self.algorithm.server_init(self.params)
         self.round = 0
+        #: the last evaluation: (params, their tensors' versions, held-out data, metrics); a round clears it
+        self._evaluation: tuple[Params, tuple[int, ...], ArrayDataset, dict[str, float]] | None = None
 
     def _released(self, result: AggregateResult) -> bool:
         """Whether anything computed from client data reached the server this round."""
@@ -117,6 +119,7 @@ class Server:
     def run_round(self, round: int, evaluate: bool) -> RoundRecord:
         """Run one round; the model changes only if enough clients completed it."""
         start = time.perf_counter()
+        self._evaluation = None
         sent0, recv0 = self.comm.traffic.snapshot()
         sampled = self.sampler.sample(round)
         ctx = ServerContext(
@@ -180,12 +183,22 @@ class Server:
         return record
 
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics for the current global model on the held-out data."""
+        """The task's metrics for the current global model on the held-out data.
+
+        Evaluating the same model on the same data again (the last round's evaluation, then the run's final
+        figures) returns the first result instead of running the whole held-out set a second time.
+        """
         assert self.test_data is not None
         if self.test_data.x.device != self.device:
             self.test_data = self.test_data.to(self.device)  # moved once
+        versions = tuple(t._version for t in self.params.values())  # in-place updates change a version
+        cached = self._evaluation
+        if cached and cached[0] is self.params and cached[1] == versions and cached[2] is self.test_data:
+            return dict(cached[3])
         model = model_on(self.model, self.device)
-        return self.task.evaluate(model, params_to(self.params, self.device), self.test_data)
+        metrics = self.task.evaluate(model, params_to(self.params, self.device), self.test_data)
+        self._evaluation = (self.params, versions, self.test_data, dict(metrics))
+        return metrics
 
     def evaluate_on_clients(self, round: int, clients: list[int]) -> dict[str, float]:
         """Federated evaluation: each client scores the global model on its local test split.
