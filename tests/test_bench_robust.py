@@ -51,3 +51,25 @@ def test_the_weak_dp_row_uses_its_own_bound() -> None:
     assert rows["norm-bound+dp"]["robust.norm_bound"] == 0.2 and rows["norm-bound+dp"]["robust.noise_std"] == 0.003
     old = bench.backdoor_defenses({"tau": 1.0, "norm_bound": 0.5, "noise_std": 0.0}, "root.safetensors")
     assert old["norm-bound+dp"]["robust.norm_bound"] == 0.5  # a tune line without dp_norm_bound
+
+
+def test_each_selection_rule_gets_the_server_momentum_with_the_best_clean_validation_accuracy() -> None:
+    cells = bench.momentum_cells(10)
+    assert len(cells) == len(bench.SELECTION_RULES) * len(bench.SERVER_MOMENTA)
+    for c in cells:  # clean runs, f stated, one momentum each
+        assert c.attack == "none" and "attack.name" not in c.overrides and c.overrides["robust.byzantine"] == 10
+        assert c.overrides["server.momentum"] == c.extra["server_momentum"] and not c.backdoor
+    grid = {"krum": (0.87, 0.80, 0.15), "bulyan": (0.93, 0.95, 0.95)}
+    rows = [{"rule": rule, "server_momentum": m, "accuracy": a}
+            for rule, accs in grid.items() for m, a in zip(bench.SERVER_MOMENTA, accs, strict=True)]
+    assert bench.choose_server_momentum(rows) == {"krum": 0.0, "bulyan": 0.9}  # ties to the larger
+
+
+def test_the_matrix_reads_the_chosen_momentum_back_and_older_lines_keep_the_workloads() -> None:
+    tuned = {"tau": 3.0, "norm_bound": 0.5, "noise_std": 0.0, "server_momentum": {"krum": 0.0, "bulyan": 0.5}}
+    rows = bench.defenses(tuned, "root.safetensors")
+    assert rows["krum"]["server.momentum"] == 0.0 and rows["bulyan"]["server.momentum"] == 0.5
+    assert "server.momentum" not in rows["multi-krum"] and "server.momentum" not in rows["fedavg"]
+    old = bench.defenses({"tau": 3.0, "norm_bound": 0.5, "noise_std": 0.0}, "root.safetensors")
+    assert all("server.momentum" not in d for d in old.values())
+    assert list(old) == list(rows)  # the matrix's column order is unchanged
