@@ -1,6 +1,7 @@
 """Byzantine robustness benchmarks: ``robustness`` (every attack against every defense), ``robustness-tune``
-(the defenses' parameters, chosen on a validation split) and ``robust-cost`` (each rule's seconds per round
-at 50 and 1,000 clients).
+(the defenses' parameters, chosen on a validation split), ``robustness-strong`` (sign flipping, ALIE, IPM and
+min-max at strengths that overpower the mean, against every defense) and ``robust-cost`` (each rule's seconds
+per round at 50 and 1,000 clients).
 
 Workload (issue 16): MNIST, CNN-S, 50 clients by label-Dirichlet 0.5, all of them every round, 20 rounds, 10
 Byzantine (20%); the backdoor rows use 5 (10%). Every cell trains on the same subset of the MNIST training set
@@ -21,6 +22,13 @@ was 113 x 70 = 7,910 CPU-s, 66 minutes (the first robustness-tune line measured 
 ``robustness-tune``: 22 cells (16 with every client training, 6 with 40), then 20 backdoor cells: 1,722 CPU-s
 before the 9 server-momentum cells were added, 2,208 CPU-s with them, about 18 minutes. A full-size clean cell
 measured 59.7 CPU-s under heavy load (wall 12x its CPU): +-10%.
+
+``robustness-strong``: the papers' default strengths were built to slip past robust rules, not to overpower a
+mean (the matrix's FedAvg keeps 93.9-96.1% under sign flipping, ALIE, IPM and min-max), so this benchmark runs
+the four at one strength fixed by formula from n and f before any defense result, ``s = 2 (n - f) / f`` = 8 (see
+``strong_attacks``): 4 x 12 = 48 cells plus clean FedAvg for reference, 12 sign-flip cells and the clean one
+with every client training (54 CPU-s) and 36 with 40 (44 CPU-s): 13 x 54 + 36 x 44 = 2,286 CPU-s, about 19
+minutes on two workers. It reads the tune line as the matrix does: run ``robustness-tune`` first.
 
 Training hyper-parameters were chosen on the validation split with FedAvg and no attack (20 rounds):
 10,000 images and 10 steps of 8 with server momentum 0.9 reached 97.4% (the tune's clean cell; 96.4% in a
@@ -48,7 +56,8 @@ Cells run in forked worker processes, one torch thread each, clients in-process:
 data is shared by fork, and results come back as JSON files (no pickle). Each cell's wall and CPU seconds are
 recorded; on a shared machine the CPU seconds are the fairer figure.
 
-Run: ``python benchmarks/run.py robustness`` (``--quick`` shrinks everything for CI).
+Run: ``python benchmarks/run.py robustness`` (or ``robustness-tune``, ``robustness-strong``; ``--quick`` shrinks
+everything for CI).
 """
 
 from __future__ import annotations
@@ -67,6 +76,7 @@ import torch
 
 from fedguard import Config, Experiment
 from fedguard.attacks.data import Trigger, triggered_test_set
+from fedguard.attacks.vectors import mirror_multiplier
 from fedguard.data.arrays import ArrayDataset
 from fedguard.data.registry import load_dataset
 from fedguard.robust import rules
@@ -519,6 +529,106 @@ def bench_tune(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# -- attacks at strengths that overpower the mean ----------------------------------------------------
+
+#: the attacks of the issue's "attacks work" target, in ``robustness-strong``
+STRONG_ATTACKS = ("sign-flip", "alie", "ipm", "min-max")
+
+
+def strong_attacks(n: int, f: int) -> dict[str, dict[str, Any]]:
+    """The four attacks at one strength fixed by formula from ``n`` clients per round and ``f`` Byzantine ones,
+    before any defense result: ``s = 2 (n - f) / f`` (:func:`fedguard.attacks.vectors.mirror_multiplier`; 8 at
+    n = 50, f = 10), the multiplier at which f colluding copies of ``-s`` times the honest mean turn the round's
+    mean into ``-(n - f) / n`` times the honest clients' mean (Xie et al. 2020's reversal condition for the mean
+    is ``f epsilon > n - f``; ``s`` is twice that threshold).
+
+    * sign flipping: ``-s`` times the attacker's own update (``attack.sign_flip_scale``): the mean's expected
+      value is mirrored, where the papers' scale 1 only shrinks it to ``(n - 2f) / n``;
+    * IPM: ``epsilon = s`` (``attack.ipm_epsilon``): the mean is mirrored exactly (the papers' 0.1 leaves
+      ``(n - f - 0.1 f) / n``);
+    * ALIE: ``z = s`` (``attack.alie_z``): the mean moves by ``f s / n = 2 (n - f) / n`` = 1.6 honest standard
+      deviations in every coordinate, the same way every round (Baruch et al.'s ``z_max``, 0.47 here, stays
+      inside the honest spread by design);
+    * min-max: the bound on the crafted update's distance to the honest ones is ``s`` times the paper's
+      (``attack.distance_scale``; the search starts at ``s`` times the paper's ``gamma``), ``p`` = std as in
+      the matrix. For ALIE and min-max, whose direction is not ``-mean``, ``s`` is the same multiplier on each
+      attack's own scale, not a reversal condition.
+    """
+    s = round(mirror_multiplier(n, f), 6)
+    return {
+        "sign-flip": {"attack.name": "sign-flip", "attack.sign_flip_scale": s},
+        "alie": {"attack.name": "alie", "attack.alie_z": s},
+        "ipm": {"attack.name": "ipm", "attack.ipm_epsilon": s},
+        "min-max": {"attack.name": "min-max", "attack.distance_scale": s},
+    }
+
+
+def _strong_cells(data: Data, tuned: dict[str, Any], quick: bool) -> tuple[list[Cell], dict[str, dict[str, Any]]]:
+    """Every strong attack against every defense of the matrix, and clean FedAvg for reference (``quick``: 12
+    clients, f = 2, every attack against FedAvg and IPM against the median). Also returns the attacks."""
+    n, f = (12, 2) if quick else (int(WORKLOAD["data.num_clients"]), BYZANTINE)
+    attacks = strong_attacks(n, f)
+    cells = [Cell("none__fedavg", {}, "none", "fedavg")]
+    for attack, a in attacks.items():
+        for defense, d in defenses(tuned, data.root_file).items():
+            if quick and defense != "fedavg" and (attack, defense) != ("ipm", "median"):
+                continue
+            over = {**a, "attack.count": f, **d}
+            if "robust.byzantine" in over:
+                over["robust.byzantine"] = f
+            cells.append(Cell(f"strong-{attack}__{defense}", over, attack, defense))
+    return cells, attacks
+
+
+def summarize_strong(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``robustness-strong`` line's figures: accuracies, the best defense per attack and the two checks."""
+    accuracy: dict[str, dict[str, float]] = {}
+    for r in rows:
+        accuracy.setdefault(r["attack"], {})[r["defense"]] = round(r["accuracy"], 4)
+    attacked = {a: row for a, row in accuracy.items() if a != "none"}
+    robust = {a: {d: v for d, v in row.items() if d != "fedavg"} for a, row in attacked.items()}
+    best = {a: max(row.items(), key=lambda kv: kv[1]) for a, row in robust.items() if row}
+    return {
+        "accuracy": accuracy,
+        "best_defense": {a: {"defense": d, "accuracy": v} for a, (d, v) in best.items()},
+        "defenses_at_95": {a: sorted(d for d, v in row.items() if v >= 0.95) for a, row in robust.items()},
+        "checks": {
+            "fedavg_below_80": {a: "fedavg" in row and row["fedavg"] < 0.80 for a, row in attacked.items()},
+            "a_defense_at_95": {a: a in best and best[a][1] >= 0.95 for a in attacked},
+        },
+        "cells": {r["name"]: {k: r[k] for k in ("accuracy", "wall_s", "cpu_s", "aborted_rounds", "median_round_s")}
+                  for r in rows},
+        "cells_cpu_s": round(sum(r["cpu_s"] for r in rows), 1),
+    }
+
+
+def bench_strong(args: argparse.Namespace) -> dict[str, Any]:
+    """Sign flipping, ALIE, IPM and min-max at strengths that overpower the mean (``strong_attacks``), against
+    every defense of the matrix, plus clean FedAvg; the matrix's workload, test accuracy after the last round."""
+    t0 = time.perf_counter()
+    out = Path(args.out) / f"robustness-strong-{int(time.time())}"
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_data(args, out, for_test=True)
+    tuned = _tuned()
+    cells, attacks = _strong_cells(data, tuned, args.quick)
+    figures = summarize_strong(run_cells(args, cells, data, out))
+    heatmap = (out if args.quick else RESULTS) / "robustness-strong.png"
+    table = {a: row for a, row in figures["accuracy"].items() if a != "none"}
+    _heatmap(table, heatmap, "test accuracy under attacks that overpower the mean (MNIST, CNN-S, 50 clients, 10 "
+                             "Byzantine)")
+    n, f = (12, 2) if args.quick else (int(WORKLOAD["data.num_clients"]), BYZANTINE)
+    figures.update({
+        "strength": {a: {k: v for k, v in over.items() if k != "attack.name"} for a, over in attacks.items()},
+        "multiplier": {"n": n, "f": f, "s": round(mirror_multiplier(n, f), 6), "formula": "s = 2 (n - f) / f"},
+        "heatmap": str(heatmap.relative_to(HERE.parent) if heatmap.is_relative_to(HERE.parent) else heatmap),
+        "tuned": tuned,
+        "workload": {**WORKLOAD, "train_examples": len(data.train), "byzantine": f, "test_examples": len(data.final)},
+        "workers": max(1, int(getattr(args, "workers", 0) or os.cpu_count() or 1)),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    })
+    return figures
+
+
 # -- the rules' own cost ---------------------------------------------------------------------------
 
 
@@ -576,4 +686,5 @@ def bench_cost(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-BENCHMARKS = {"robustness": bench_robustness, "robustness-tune": bench_tune, "robust-cost": bench_cost}
+BENCHMARKS = {"robustness": bench_robustness, "robustness-tune": bench_tune, "robustness-strong": bench_strong,
+              "robust-cost": bench_cost}

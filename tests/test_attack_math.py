@@ -50,6 +50,72 @@ def test_ipm_reverses_the_mean_when_f_epsilon_exceeds_n_minus_f() -> None:
         assert sign * float(agg @ true) > 0
 
 
+def test_the_mirror_multiplier_turns_the_mean_into_minus_the_honest_share() -> None:
+    n, f = 50, 10
+    s = atk.mirror_multiplier(n, f)
+    assert s == 8.0 and ((n - f) - f * s) / n == -(n - f) / n
+    for bad in ((10, 0), (10, 10)):
+        with pytest.raises(ValueError, match="1 <= f < n"):
+            atk.mirror_multiplier(*bad)
+
+
+def test_ipm_at_the_mirror_multiplier_is_minus_epsilon_times_the_honest_mean_and_mirrors_fedavg() -> None:
+    h = _honest(16)
+    f = 4
+    n = h.shape[0] + f
+    eps = atk.mirror_multiplier(n, f)
+    v = atk.ipm(h, eps)
+    assert torch.allclose(v, -eps * h.mean(0))
+    fedavg = rules.mean(torch.cat([h, v.repeat(f, 1)]))
+    assert torch.allclose(fedavg, -(n - f) / n * h.mean(0))  # the honest clients' share, reversed
+    assert float(fedavg @ h.mean(0)) < 0
+
+
+def test_scaled_sign_flipping_mirrors_the_mean_and_plain_flipping_only_shrinks_it() -> None:
+    h = _honest(16)
+    f = 4
+    n = h.shape[0] + f
+    u = torch.tensor([1.0, -2.0, 3.0])
+    assert torch.equal(atk.sign_flip(u, 2.5), -2.5 * u) and torch.equal(atk.sign_flip(u), -u)
+    own = h.mean(0).repeat(f, 1)  # the Byzantine clients' own updates, at the honest mean
+    mirrored = rules.mean(torch.cat([h, atk.sign_flip(own, atk.mirror_multiplier(n, f))]))
+    assert torch.allclose(mirrored, -(n - f) / n * h.mean(0))
+    shrunk = rules.mean(torch.cat([h, atk.sign_flip(own)]))
+    assert torch.allclose(shrunk, (n - 2 * f) / n * h.mean(0)) and float(shrunk @ h.mean(0)) > 0
+
+
+def test_alie_at_a_large_z_moves_every_coordinate_of_the_mean_by_f_z_over_n_standard_deviations() -> None:
+    h = _honest(16)
+    f = 4
+    n = h.shape[0] + f
+    z = atk.mirror_multiplier(n, f)
+    fedavg = rules.mean(torch.cat([h, atk.alie(h, z).repeat(f, 1)]))
+    sigma = h.std(0, unbiased=True)
+    assert torch.allclose(fedavg - h.mean(0), f * z / n * sigma)  # 2 (n - f) / n = 1.6 deviations here
+    assert bool(((fedavg - h.mean(0)) > sigma).all())
+
+
+@pytest.mark.parametrize("perturbation", ["std", "unit-vec"])
+def test_min_max_with_a_distance_scale_keeps_the_scaled_bound_and_goes_further(perturbation: str) -> None:
+    h = _honest()
+    scale = 8.0
+    mu = h.mean(0)
+    p = {"std": h.std(0, unbiased=True), "unit-vec": mu / mu.norm()}[perturbation]
+    diameter = float(torch.cdist(h, h).max())
+    gammas = {}
+    for k in (1.0, scale):
+        v = atk.min_max(h, perturbation, distance_scale=k)
+        gammas[k] = float(((mu - v) @ p) / (p @ p))
+        assert float((h - v).norm(dim=1).max()) <= k * diameter + 1e-9
+        assert float((h - (mu - (gammas[k] + 1e-3) * p)).norm(dim=1).max()) > k * diameter  # maximal
+    assert gammas[scale] > 4 * gammas[1.0]
+    assert torch.equal(atk.min_max(h, perturbation), atk.min_max(h, perturbation, distance_scale=1.0))
+    v = atk.min_sum(h, perturbation, distance_scale=scale)
+    assert float((h - v).pow(2).sum()) <= scale**2 * float(torch.cdist(h, h).pow(2).sum(dim=1).min()) + 1e-9
+    with pytest.raises(ValueError, match="distance_scale must be > 0"):
+        atk.min_max(h, perturbation, distance_scale=0.0)
+
+
 @pytest.mark.parametrize("perturbation", ["std", "unit-vec", "sign"])
 def test_min_max_takes_the_largest_gamma_within_the_honest_diameter(perturbation: str) -> None:
     h = _honest()

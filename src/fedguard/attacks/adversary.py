@@ -81,7 +81,7 @@ class HostileClient:
     def update(self, update: Params, generator: torch.Generator) -> Params:
         """The update an attacking client sends in place of its honest ``update``."""
         if self.name == "sign-flip":
-            return {k: vectors.sign_flip(v) for k, v in update.items()}
+            return {k: vectors.sign_flip(v, self.config.sign_flip_scale) for k, v in update.items()}
         if self.name == "scaling":
             return {k: vectors.scale(v, self.boost) for k, v in update.items()}
         if self.name == "gaussian":
@@ -115,9 +115,9 @@ class OmniscientAdversary:
         if c.name == "ipm":
             return vectors.ipm(honest, c.ipm_epsilon)
         if c.name == "min-max":
-            return vectors.min_max(honest, c.perturbation, c.gamma_init)
+            return vectors.min_max(honest, c.perturbation, c.gamma_init, distance_scale=c.distance_scale)
         if c.name == "min-sum":
-            return vectors.min_sum(honest, c.perturbation, c.gamma_init)
+            return vectors.min_sum(honest, c.perturbation, c.gamma_init, distance_scale=c.distance_scale)
         if c.name == "mimic":
             return self.mimic(honest, honest_ids, client_generator(self.seed, round, -1, "attack-mimic"))
         raise ValueError(f"{c.name!r} is not an omniscient attack")

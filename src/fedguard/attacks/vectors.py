@@ -24,9 +24,22 @@ import torch
 PERTURBATIONS = ("unit-vec", "std", "sign")
 
 
-def sign_flip(update: torch.Tensor) -> torch.Tensor:
-    """Sign flipping (Damaskinos et al. 2018; Allen-Zhu et al. 2021): send ``-update``."""
-    return -update
+def sign_flip(update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Sign flipping (Damaskinos et al. 2018; Allen-Zhu et al. 2021): send ``-scale * update`` (the papers'
+    ``scale = 1``; see :func:`mirror_multiplier` for a scale that turns the mean)."""
+    return -scale * update
+
+
+def mirror_multiplier(n: int, f: int) -> float:
+    """``s = 2 (n - f) / f``: the multiplier at which ``f`` colluding updates of ``-s`` times the honest mean
+    turn the mean of ``n`` updates into the mirror image of the honest clients' share,
+    ``((n - f) - f s) / n = -(n - f) / n`` times the honest mean. The reversal condition ``f s > n - f`` is the
+    one Xie et al. 2020 state for inner-product manipulation against the mean; twice the threshold gives the
+    mirror. For IPM (``epsilon = s``) the identity is exact; for sign flipping (``scale = s``) it holds in
+    expectation over the Byzantine clients' own updates."""
+    if not 1 <= f < n:
+        raise ValueError(f"the mirror multiplier needs 1 <= f < n; got n={n}, f={f}")
+    return 2.0 * (n - f) / f
 
 
 def gaussian(like: torch.Tensor, sigma: float, generator: torch.Generator, mu: float = 0.0) -> torch.Tensor:
@@ -99,38 +112,53 @@ def _largest_gamma(fits, gamma_init: float, tol: float) -> float:
     return success
 
 
+def _check_scale(distance_scale: float) -> None:
+    if not distance_scale > 0:
+        raise ValueError(f"distance_scale must be > 0, got {distance_scale}")
+
+
 def min_max(
-    honest: torch.Tensor, perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5
+    honest: torch.Tensor, perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5,
+    distance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Min-max (Shejwalkar and Houmansadr 2021, AGR-agnostic): ``mean - gamma p`` with the largest
     ``gamma`` such that its largest distance to an honest update is at most the largest distance between
-    two honest updates. ``p``: ``std`` (the paper's strongest in most settings), ``unit-vec`` or ``sign``."""
+    two honest updates. ``p``: ``std`` (the paper's strongest in most settings), ``unit-vec`` or ``sign``.
+
+    ``distance_scale`` multiplies that bound (1: the paper's); the search then starts from
+    ``gamma_init * distance_scale``, since the largest ``gamma`` grows about linearly with the bound and the
+    search never goes past twice its start."""
+    _check_scale(distance_scale)
     h = honest.double()
     mu = h.mean(dim=0)
     p = _deviation(h, mu, perturbation)
-    limit = float(torch.cdist(h, h).max())
+    limit = distance_scale * float(torch.cdist(h, h).max())
 
     def fits(gamma: float) -> bool:
         return float((h - (mu - gamma * p)).norm(dim=1).max()) <= limit
 
-    return (mu - _largest_gamma(fits, gamma_init, tol) * p).to(honest.dtype)
+    return (mu - _largest_gamma(fits, gamma_init * distance_scale, tol) * p).to(honest.dtype)
 
 
 def min_sum(
-    honest: torch.Tensor, perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5
+    honest: torch.Tensor, perturbation: str = "std", gamma_init: float = 10.0, tol: float = 1e-5,
+    distance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Min-sum (Shejwalkar and Houmansadr 2021): ``mean - gamma p`` with the largest ``gamma`` such that
     its sum of squared distances to the honest updates is at most the smallest such sum of an honest
-    update (the authors' code: the crafted update then scores better than every honest one)."""
+    update (the authors' code: the crafted update then scores better than every honest one).
+    ``distance_scale`` multiplies the distances allowed (the bound on squared distances by its square) and
+    the search's start, as in :func:`min_max`."""
+    _check_scale(distance_scale)
     h = honest.double()
     mu = h.mean(dim=0)
     p = _deviation(h, mu, perturbation)
-    limit = float(torch.cdist(h, h).pow(2).sum(dim=1).min())
+    limit = distance_scale**2 * float(torch.cdist(h, h).pow(2).sum(dim=1).min())
 
     def fits(gamma: float) -> bool:
         return float((h - (mu - gamma * p)).pow(2).sum()) <= limit
 
-    return (mu - _largest_gamma(fits, gamma_init, tol) * p).to(honest.dtype)
+    return (mu - _largest_gamma(fits, gamma_init * distance_scale, tol) * p).to(honest.dtype)
 
 
 @dataclass
