@@ -115,3 +115,20 @@ def test_quick_robustness_strong_writes_the_keys_of_its_line(tmp_path, monkeypat
     assert line["best_defense"]["ipm"]["defense"] == "median" and "sign-flip" not in line["best_defense"]
     assert all(0.0 <= v <= 1.0 for row in line["accuracy"].values() for v in row.values())
     assert line["wall_s"] > 0 and Path(line["heatmap"]).exists()
+
+
+def test_quick_tune_chooses_the_selection_rules_momentum_without_reading_the_test_set(tmp_path, monkeypatch) -> None:
+    import argparse
+
+    def validation_only(args, out, for_test):
+        assert not for_test, "robustness-tune asked for the test set"
+        return _tiny_data(out)
+
+    monkeypatch.setattr(bench, "load_data", validation_only)
+    args = argparse.Namespace(quick=True, data_dir="", out=str(tmp_path / "out"), set=[], workers=1)
+    line = bench.bench_tune(args)
+    assert set(line["server_momentum_accuracy"]) == {"krum@0.0", "krum@0.5"}  # quick: Krum at two momenta
+    best = max(line["server_momentum_accuracy"].values())
+    chosen = line["chosen"]["server_momentum"]
+    assert set(chosen) == {"krum"} and line["server_momentum_accuracy"][f"krum@{chosen['krum']}"] == best
+    assert "server momentum" in line["rule"]
