@@ -44,15 +44,16 @@ Server momentum of the selection rules. The committed matrix line (every rule at
 0.9) has Krum at 14.9% without an attack. Krum's formula matches Blanchard et al. 2017 (score: the sum of squared
 distances to the n - f - 2 nearest updates; the one lowest-scoring update, unweighted, f = 10 stated), so the cause
 is the workload: Krum's aggregate is one client's update, and on label-Dirichlet 0.5 clients it follows the
-label mix of whichever client Krum picks (in a probe it picked client 44, no zeros and a quarter sevens, four
-rounds running, later clients 0 and 3, mostly sevens); server momentum 0.9 sums about ten rounds of those picks.
+label mix of whichever client Krum picks (in the momentum-0 probe below it picked client 44, no zeros and a
+quarter sevens, four rounds running, later clients 0 and 3, 53-66% sevens); server momentum 0.9 sums about ten
+rounds of those picks.
 A validation probe (2026-12-03, first 2,000 validation images, the matrix's workload), accuracy at rounds 2, 4, ...:
 Krum at momentum 0.9 15.9, 16.5, 16.7, 54.2, 34.9% (stopped at 10); at momentum 0 14.6, 51.1, 42.9, 54.2, 52.5,
 70.3, 71.7, 78.0, 83.2, 86.9% (round 20). Multi-Krum, 40 updates averaged, does not have the problem (96.2%
-clean in the committed line). So ``robustness-tune`` chooses each selection rule's (krum, multi-krum, bulyan) server
-momentum from ``SERVER_MOMENTA`` = {0, 0.5, 0.9} by clean validation accuracy (ties
-to the larger), as FedAvg's 0.9 was chosen, and the matrix reads the choice back; the rule was fixed before any
-test figure with it. Tune lines without the choice leave every rule at 0.9 (the committed matrix line).
+clean in the committed line). So ``robustness-tune`` chooses each selection rule's (krum, multi-krum, bulyan)
+server momentum from ``SERVER_MOMENTA`` = {0, 0.5, 0.9} by clean validation accuracy (ties to the larger), as
+FedAvg's 0.9 was chosen, and the matrix reads the choice back; the rule was fixed before any test figure with it.
+Tune lines without the choice leave every rule at 0.9 (the committed matrix line).
 
 Cells run in forked worker processes, one torch thread each, clients in-process: start-up is paid once, the
 data is shared by fork, and results come back as JSON files (no pickle). Each cell's wall and CPU seconds are
@@ -541,8 +542,8 @@ def strong_attacks(n: int, f: int) -> dict[str, dict[str, Any]]:
     """The four attacks at one strength fixed by formula from ``n`` clients per round and ``f`` Byzantine ones,
     before any defense result: ``s = 2 (n - f) / f`` (:func:`fedguard.attacks.vectors.mirror_multiplier`; 8 at
     n = 50, f = 10), the multiplier at which f colluding copies of ``-s`` times the honest mean turn the round's
-    mean into ``-(n - f) / n`` times the honest clients' mean (Xie et al. 2020's reversal condition for the mean
-    is ``f epsilon > n - f``; ``s`` is twice that threshold).
+    mean into ``-(n - f) / n`` times the honest clients' mean (IPM reverses the mean when ``f epsilon > n - f``,
+    Xie et al. 2020's inner-product argument; ``s`` is twice that threshold).
 
     * sign flipping: ``-s`` times the attacker's own update (``attack.sign_flip_scale``): the mean's expected
       value is mirrored, where the papers' scale 1 only shrinks it to ``(n - 2f) / n``;

@@ -33,10 +33,10 @@ def sign_flip(update: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 def mirror_multiplier(n: int, f: int) -> float:
     """``s = 2 (n - f) / f``: the multiplier at which ``f`` colluding updates of ``-s`` times the honest mean
     turn the mean of ``n`` updates into the mirror image of the honest clients' share,
-    ``((n - f) - f s) / n = -(n - f) / n`` times the honest mean. The reversal condition ``f s > n - f`` is the
-    one Xie et al. 2020 state for inner-product manipulation against the mean; twice the threshold gives the
-    mirror. For IPM (``epsilon = s``) the identity is exact; for sign flipping (``scale = s``) it holds in
-    expectation over the Byzantine clients' own updates."""
+    ``((n - f) - f s) / n = -(n - f) / n`` times the honest mean. The reversal condition ``f s > n - f`` is
+    inner-product manipulation's against the mean (Xie et al. 2020's inner-product argument); twice the
+    threshold gives the mirror. For IPM (``epsilon = s``) the identity is exact; for sign
+    flipping (``scale = s``) it holds in expectation over the Byzantine clients' own updates."""
     if not 1 <= f < n:
         raise ValueError(f"the mirror multiplier needs 1 <= f < n; got n={n}, f={f}")
     return 2.0 * (n - f) / f
