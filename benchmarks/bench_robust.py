@@ -490,7 +490,7 @@ def choose_norm_bound(rows: list[dict[str, Any]], clean: float) -> dict[str, flo
 
 
 def bench_tune(args: argparse.Namespace) -> dict[str, Any]:
-    """Centered clipping's tau, norm bounding's M and weak-DP sigma chosen on the validation split."""
+    """Centered clipping's tau, norm bounding's M, weak-DP sigma and selection rules' server momentum, on validation."""
     t0 = time.perf_counter()
     out = Path(args.out) / f"robustness-tune-{int(time.time())}"
     out.mkdir(parents=True, exist_ok=True)
