@@ -343,13 +343,28 @@ def _heatmap(table: dict[str, dict[str, float]], path: Path, title: str) -> None
     plt.close(fig)
 
 
+def _accuracy_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``accuracy[attack][defense]`` from the cells' rows."""
+    accuracy: dict[str, dict[str, float]] = {}
+    for r in rows:
+        accuracy.setdefault(r["attack"], {})[r["defense"]] = round(r["accuracy"], 4)
+    return accuracy
+
+
+def _cell_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each cell's accuracy and cost, and the CPU seconds of all of them."""
+    return {
+        "cells": {r["name"]: {k: r[k] for k in ("accuracy", "wall_s", "cpu_s", "aborted_rounds", "median_round_s")}
+                  for r in rows},
+        "cells_cpu_s": round(sum(r["cpu_s"] for r in rows), 1),
+    }
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The result line's figures from the cells' rows."""
     matrix = [r for r in rows if not r["backdoor"]]
     backdoor = [r for r in rows if r["backdoor"]]
-    accuracy: dict[str, dict[str, float]] = {}
-    for r in matrix:
-        accuracy.setdefault(r["attack"], {})[r["defense"]] = round(r["accuracy"], 4)
+    accuracy = _accuracy_table(matrix)
     clean = accuracy.get("none", {})
     best = {a: max(row.items(), key=lambda kv: kv[1]) for a, row in accuracy.items()}
     strong = ("alie", "ipm", "min-max", "sign-flip")
@@ -372,9 +387,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "aggregation_s_per_round": {d: _median([r["aggregation_s"] for r in matrix if r["defense"] == d])
                                     for d in clean},
-        "cells": {r["name"]: {k: r[k] for k in ("accuracy", "wall_s", "cpu_s", "aborted_rounds", "median_round_s")}
-                  for r in rows},
-        "cells_cpu_s": round(sum(r["cpu_s"] for r in rows), 1),
+        **_cell_figures(rows),
     }
 
 
@@ -585,9 +598,7 @@ def _strong_cells(data: Data, tuned: dict[str, Any], quick: bool) -> tuple[list[
 
 def summarize_strong(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``robustness-strong`` line's figures: accuracies, the best defense per attack and the two checks."""
-    accuracy: dict[str, dict[str, float]] = {}
-    for r in rows:
-        accuracy.setdefault(r["attack"], {})[r["defense"]] = round(r["accuracy"], 4)
+    accuracy = _accuracy_table(rows)
     attacked = {a: row for a, row in accuracy.items() if a != "none"}
     robust = {a: {d: v for d, v in row.items() if d != "fedavg"} for a, row in attacked.items()}
     best = {a: max(row.items(), key=lambda kv: kv[1]) for a, row in robust.items() if row}
@@ -599,9 +610,7 @@ def summarize_strong(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "fedavg_below_80": {a: "fedavg" in row and row["fedavg"] < 0.80 for a, row in attacked.items()},
             "a_defense_at_95": {a: a in best and best[a][1] >= 0.95 for a in attacked},
         },
-        "cells": {r["name"]: {k: r[k] for k in ("accuracy", "wall_s", "cpu_s", "aborted_rounds", "median_round_s")}
-                  for r in rows},
-        "cells_cpu_s": round(sum(r["cpu_s"] for r in rows), 1),
+        **_cell_figures(rows),
     }
 
 
