@@ -30,10 +30,11 @@ from fedguard.pipeline.base import ConfigurationError
 
 
 def option(default: Any, help: str, choices: list[Any] | None = None, min: float | None = None,
-           max: float | None = None, finite: bool = True) -> Any:
-    """A configuration field with its help text and allowed values (``finite=False``: a float
-    field that accepts NaN and infinities; none of the built-in ones does)."""
-    meta = {"help": help, "choices": choices, "min": min, "max": max, "finite": finite}
+           max: float | None = None, finite: bool = True, above: float | None = None) -> Any:
+    """A configuration field with its help text and allowed values: ``min`` and ``max`` inclusive,
+    ``above`` an exclusive minimum (a value that must be positive: ``above=0.0``); ``finite=False``:
+    a float field that accepts NaN and infinities (none of the built-in ones does)."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "above": above, "finite": finite}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,7 +85,7 @@ class DataConfig:
     download: bool = option(False, "Download missing standard files (checksums verified) when the network allows.")
     num_clients: int = option(10, "Number of clients the training set is split into.", min=1)
     partition: str = option("dirichlet", "Partitioner.", choices=["iid", "dirichlet", "shards", "quantity"])
-    alpha: float = option(1.0, "Dirichlet concentration (label skew for 'dirichlet', size skew for 'quantity'); smaller is more skewed.", min=1e-6)
+    alpha: float = option(1.0, "Dirichlet concentration (label skew for 'dirichlet', size skew for 'quantity'); smaller is more skewed.", above=0.0)
     shards_per_client: int = option(2, "Classes-per-client shards for 'shards' (McMahan et al. 2017).", min=1)
     client_test_fraction: float = option(0.0, "Share of each client's data held out as its local test split.", min=0.0, max=0.9)
     validation_fraction: float = option(0.0, "Share of the training data the server holds out (stratified by label, seeded, taken before partitioning: no client trains on it) to choose hyper-parameters on. Then per-round metrics are validation metrics (val_*) and the test set is evaluated once, after the last round. Never taken from the test set.", min=0.0, max=0.5)
@@ -130,7 +131,7 @@ class ServerConfig:
     momentum: float = option(0.9, "FedAvgM server momentum.", min=0.0, max=0.999)
     beta1: float = option(0.9, "Adaptive optimisers' first-moment decay.", min=0.0, max=0.999999)
     beta2: float = option(0.99, "FedAdam/FedYogi second-moment decay.", min=0.0, max=0.999999)
-    tau: float = option(1e-3, "Adaptivity tau (v starts at tau^2).", min=1e-12)
+    tau: float = option(1e-3, "Adaptivity tau (v starts at tau^2).", above=0.0)
 
 
 #: the federated algorithms (each built by fedguard.algorithms.registry)
@@ -318,10 +319,12 @@ def _coerce(key: str, value: Any, hint: Any, meta: Any) -> Any:
         raise ConfigurationError(f"{key}: cannot use {value!r}: {exc}") from exc
     if meta.get("finite", True):
         _require_finite(key, parsed)
-    choices, lo, hi = meta.get("choices"), meta.get("min"), meta.get("max")
+    choices, lo, hi, above = meta.get("choices"), meta.get("min"), meta.get("max"), meta.get("above")
     for item in parsed if isinstance(parsed, list) else [parsed]:
         if choices and item not in choices:
             raise ConfigurationError(f"{key}: {item!r} is not allowed; choose one of {choices}")
+        if above is not None and isinstance(item, (int, float)) and not item > above:
+            raise ConfigurationError(f"{key} must be > {above}, got {item!r}")
         if lo is not None and isinstance(item, (int, float)) and item < lo:
             raise ConfigurationError(f"{key}: {item!r} is below the minimum {lo}")
         if hi is not None and isinstance(item, (int, float)) and item > hi:

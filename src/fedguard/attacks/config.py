@@ -38,16 +38,16 @@ class AttackConfig:
     alie_z: float = option(0.0, "alie: z of mean + z * std (0: Baruch et al.'s z_max from n and f).", min=0.0)
     sign_flip_scale: float = option(1.0, "sign-flip: the attacker sends -scale x its own update (1: plain sign "
                                          "flipping; the mean of n updates, f flipped, turns against the honest "
-                                         "clients' when scale > (n - f) / f).", min=0.0)
+                                         "clients' when scale > (n - f) / f).", above=0.0)
     gaussian_sigma: float = option(1.0, "gaussian: standard deviation of the sent noise (ByzFL's default 1).",
                                    min=0.0)
     perturbation: str = option("std", "min-max / min-sum: direction p of mean - gamma p (Shejwalkar and "
                                       "Houmansadr 2021).", choices=["std", "unit-vec", "sign"])
-    gamma_init: float = option(10.0, "min-max / min-sum: the search's initial gamma (the paper's 10).", min=1e-9)
+    gamma_init: float = option(10.0, "min-max / min-sum: the search's initial gamma (the paper's 10).", above=0.0)
     distance_scale: float = option(1.0, "min-max / min-sum: the crafted update's bound (min-max: its largest "
                                         "distance to an honest update; min-sum: its sum of squared distances) is "
                                         "this multiple (min-sum: its square) of the paper's (1: Shejwalkar and "
-                                        "Houmansadr 2021; larger is stronger and less stealthy).", min=0.0)
+                                        "Houmansadr 2021; larger is stronger and less stealthy).", above=0.0)
     mimic_warmup: int = option(1, "mimic: rounds spent estimating the direction of largest variance.", min=0)
     boost: float = option(0.0, "scaling: factor on the attacker's update (0: n / (eta * attackers), Bagdasaryan "
                                "et al.'s model replacement shared by the colluding attackers).", min=0.0)
@@ -56,16 +56,6 @@ class AttackConfig:
                                          "trigger and relabelled.", min=0.0, max=1.0)
     trigger_size: int = option(3, "backdoor / scaling: side of the square trigger, in pixels, one pixel from the "
                                   "bottom-right corner (BadNets, Gu et al. 2017).", min=1)
-
-
-def check_strength(config: AttackConfig) -> None:
-    """Refuse attack strengths that make no attack: ``sign_flip_scale`` and ``distance_scale`` must be positive
-    (0 would send a zero update or the honest mean)."""
-    for key, meaning in (("sign_flip_scale", "the attacker sends -scale x its update; 1 is plain sign flipping"),
-                         ("distance_scale", "min-max / min-sum bound as a multiple of the paper's; 1 is the paper's")):
-        value = getattr(config, key)
-        if not value > 0:
-            raise ValueError(f"attack.{key} must be > 0, got {value} ({meaning})")
 
 
 def parse_clients(ranges: list[str], population: int) -> list[int]:

@@ -44,7 +44,7 @@ class DPConfig:
         1.0,
         "Clip norm: of each example's gradient (sample) or of each client's update (client, local; the "
         "initial norm with adaptive_clip).",
-        min=1e-12,
+        above=0.0,
     )
     delta: float = option(
         0.0,

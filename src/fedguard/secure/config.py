@@ -27,7 +27,7 @@ class SecureConfig:
         1.0,
         "SecAgg quantization range: each coordinate of weight/max_weight * update is clipped to +-clip "
         "before fixed-point encoding.",
-        min=1e-9,
+        above=0.0,
     )
     ring_bits: int = option(32, "SecAgg ring Z_{2^bits}: masks and sums are mod 2^bits (32 or 64 bits per value).",
                             min=8, max=64)
