@@ -34,11 +34,12 @@ say ``validation_selected: false``. The centralized baselines take the federated
   measured on the validation images; ties to the lower validation masked MSE. The probe's L2 penalty is
   chosen inside the task in every run, the tune's and mae's (``mae.probe_l2_grid``: each probe, the
   raw-pixel one too, picks its own on a seeded 10% of its training images, then refits on all of them).
-  Sizing: a federated round took 19.8 s in mae.json (with the baseline beside it on the other core), so
+  Sizing: a federated round took 19.8 s in mae-2026-12-02.json (with the baseline beside it on the other core), so
   12 rounds on 54,000 images at most about 3.6 minutes, and the probes about 1.5-2.5 minutes a candidate
-  (mae's final metrics took 107 s with one fixed penalty; the grid's warm-started stronger penalties
+  (that line's final metrics took 107 s with one fixed penalty; the grid's warm-started stronger penalties
   converge fast): 4 candidates about 20-25 minutes on an idle 2-core machine. ``mae`` itself then takes
-  about 12-14 minutes (25 rounds, and the probes run twice: on validation, then once on test).
+  about 12-14 minutes (25 rounds, and the probes run twice: on validation, then once on test). Measured on
+  2026-12-03, a slow day (37 s per federated round): mae-tune 31 min, mae 29 min (788 s of final metrics).
 
 ``--quick`` shrinks each run (embedded mnist-5k, 3 rounds; the tunes: 2 candidates of 2 rounds) for CI;
 README figures use full runs.
