@@ -356,11 +356,22 @@ def validated_accuracy_benchmark(name: str, args: argparse.Namespace, extra: dic
     }
 
 
+def step_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]:
+    """The engine's local step against the bare loop's, alternated in one process (see step_overhead.py):
+    400 pairs (40 with ``--quick``), ``--set`` overrides applied to the workload."""
+    from step_overhead import measure
+
+    extra: dict[str, object] = dict(item.split("=", 1) for item in getattr(args, "set", None) or [])
+    pairs = int(extra.pop("bench.pairs", 40 if args.quick else 400))
+    return {"name": f"{name}-step", **measure(name, args.data_dir, 0, pairs, extra)}
+
+
 BENCHMARKS = {
     "w1": lambda args: speed_benchmark("w1", args),
     "w2": lambda args: speed_benchmark("w2", args),
     "w1-1thread": lambda args: speed_benchmark("w1", args, one_thread=True),
     "w2-1thread": lambda args: speed_benchmark("w2", args, one_thread=True),
+    "w2-step": lambda args: step_benchmark("w2", args),
     "mnist-iid": lambda args: accuracy_benchmark("mnist-iid", args),
     "mnist-dirichlet": lambda args: accuracy_benchmark("mnist-dirichlet", args),
 }
@@ -368,6 +379,7 @@ BENCHMARKS["w1"].__doc__ = "W1 cross-device speed: engine vs multi-process limit
 BENCHMARKS["w2"].__doc__ = "W2 cross-silo speed: engine vs multi-process limit and bare loop (CNN-M, 10 clients)"
 BENCHMARKS["w1-1thread"].__doc__ = "W1 at one thread on both sides (engine in-process): the engine's own overhead"
 BENCHMARKS["w2-1thread"].__doc__ = "W2 at one thread on both sides (engine in-process): the engine's own overhead"
+BENCHMARKS["w2-step"].__doc__ = "W2's local step, engine vs bare loop, alternated in one 1-thread process (CPU time)"
 BENCHMARKS["mnist-iid"].__doc__ = "CNN-M, 10 IID clients: accuracy within 5 rounds (target 99.0%)"
 BENCHMARKS[
     "mnist-dirichlet"

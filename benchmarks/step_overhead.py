@@ -37,8 +37,13 @@ def main() -> None:
     print(json.dumps(measure(args.workload, args.data_dir, args.batch, args.pairs)))
 
 
-def measure(workload: str, data_dir: str, batch: int, pairs: int) -> dict[str, object]:
-    """Median paired CPU milliseconds of an engine step minus a bare step, on client 0's examples."""
+def measure(
+    workload: str, data_dir: str, batch: int, pairs: int, extra: dict[str, object] | None = None
+) -> dict[str, object]:
+    """Median paired CPU milliseconds of an engine step minus a bare step, on client 0's examples.
+
+    Both paths start from the same parameters and take the same batches in the same order, so
+    ``same_parameters`` (bitwise equal at the end) checks that they computed the same training."""
     from bare_loop import warm_up
     from bench_core import overrides
 
@@ -47,7 +52,8 @@ def measure(workload: str, data_dir: str, batch: int, pairs: int) -> dict[str, o
     from fedguard.algorithms.update_rules import SGDRule
 
     torch.set_num_threads(1)
-    exp = Experiment(Config.load(None, overrides(workload, data_dir, {"run.workers": "1", "run.threads": 1})))
+    settings = {"run.workers": "1", "run.threads": 1, **(extra or {})}
+    exp = Experiment(Config.load(None, overrides(workload, data_dir, settings)))
     setup = exp.assemble()
     t, task, trainer, model = exp.config.train, setup.task, setup.trainer, setup.model
     warm_up()
@@ -84,6 +90,8 @@ def measure(workload: str, data_dir: str, batch: int, pairs: int) -> dict[str, o
         e, r = (b - a, c - b) if first is engine else (c - b, b - a)
         eng.append(e / 1e6)
         bar.append(r / 1e6)
+    with torch.no_grad():
+        same = all(torch.equal(current[k], v) for k, v in model.named_parameters())
     diff = sorted(e - r for e, r in zip(eng, bar, strict=True))
     k = int(0.98 * len(diff) ** 0.5)
     mid = len(diff) // 2
@@ -96,6 +104,7 @@ def measure(workload: str, data_dir: str, batch: int, pairs: int) -> dict[str, o
         "diff_ms": round(statistics.median(diff), 3),
         "diff_ms_ci95": [round(diff[max(mid - k, 0)], 3), round(diff[min(mid + k, len(diff) - 1)], 3)],
         "ratio": round(statistics.median(e / r for e, r in zip(eng, bar, strict=True)), 4),
+        "same_parameters": same,
     }
 
 
