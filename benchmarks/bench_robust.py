@@ -55,6 +55,12 @@ server momentum from ``SERVER_MOMENTA`` = {0, 0.5, 0.9} by clean validation accu
 FedAvg's 0.9 was chosen, and the matrix reads the choice back; the rule was fixed before any test figure with it.
 Tune lines without the choice leave every rule at 0.9 (the committed matrix line).
 
+A cell whose training diverges (an attack drives the model to NaN or infinity; the first robustness-strong run,
+2026-12-03, ended without a line when sign flipping at s = 8 did so to FedAvg in round 4) stops there, as every
+fedguard run does, keeping its last finite model. The cell is recorded, not the benchmark ended: the tables show
+that model's accuracy, the line lists the cell under ``diverged`` with the round and cause, and the checks count
+it as a defense that did not hold (score 0: the attack succeeded, never a defense at 95%).
+
 Cells run in forked worker processes, one torch thread each, clients in-process: start-up is paid once, the
 data is shared by fork, and results come back as JSON files (no pickle). Each cell's wall and CPU seconds are
 recorded; on a shared machine the CPU seconds are the fairer figure.
@@ -82,6 +88,7 @@ from fedguard.attacks.data import Trigger, triggered_test_set
 from fedguard.attacks.vectors import mirror_multiplier
 from fedguard.data.arrays import ArrayDataset
 from fedguard.data.registry import load_dataset
+from fedguard.health import RunFailed
 from fedguard.robust import rules
 from fedguard.robust.randomness import secure_generator
 from fedguard.robust.root import save_root_data
@@ -233,13 +240,21 @@ def run_cell(args: argparse.Namespace, cell: Cell, data: Data, out: Path) -> dic
     """Train one cell and measure it: accuracy on ``data.final``, ASR for backdoor cells, seconds."""
     config = Config.load(None, _overrides(args, cell))
     c0, t0 = time.process_time(), time.perf_counter()
-    result = Experiment(config, train=data.train, test=data.monitor, log=lambda s: None).run(run_dir=out / cell.name)
+    diverged = None
+    try:
+        result = Experiment(config, train=data.train, test=data.monitor, log=lambda s: None).run(
+            run_dir=out / cell.name)
+    except RunFailed as exc:  # the attack made training diverge: the run kept its last finite model
+        if exc.result is None:
+            raise
+        result, diverged = exc.result, str(exc).split(". ")[0]
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     task = ClassificationTask(lambda: cnn_s(1, 28, 10))
     model = cnn_s(1, 28, 10)
     row: dict[str, Any] = {
         "name": cell.name, "attack": cell.attack, "defense": cell.defense, "backdoor": cell.backdoor,
         "accuracy": task.evaluate(model, result.params, data.final)["accuracy"],
+        "diverged": diverged,
         "aborted_rounds": sum(1 for r in result.rows if r.get("aborted")),
         "aggregation_s": _median([r.get("client_aggregation_s") for r in result.rows]),
         # robust chains only: the median over rounds of each round's median client update norm
@@ -344,18 +359,36 @@ def _heatmap(table: dict[str, dict[str, float]], path: Path, title: str) -> None
 
 
 def _accuracy_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """``accuracy[attack][defense]`` from the cells' rows."""
+    """``accuracy[attack][defense]`` from the cells' rows: the accuracy of the model each run delivered (for a
+    run that diverged, its last finite model's)."""
     accuracy: dict[str, dict[str, float]] = {}
     for r in rows:
         accuracy.setdefault(r["attack"], {})[r["defense"]] = round(r["accuracy"], 4)
     return accuracy
 
 
+def _standing_table(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The table the checks read: a cell whose training diverged scores 0 (the attack stopped training, so the
+    defense did not hold, whatever its last finite model scored), the others their accuracy."""
+    table = _accuracy_table(rows)
+    for r in rows:
+        if r.get("diverged"):
+            table[r["attack"]][r["defense"]] = 0.0
+    return table
+
+
+def _diverged(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """The cells whose training diverged, each with how (round and cause)."""
+    return {r["name"]: r["diverged"] for r in rows if r.get("diverged")}
+
+
 def _cell_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Each cell's accuracy and cost, and the CPU seconds of all of them."""
     return {
-        "cells": {r["name"]: {k: r[k] for k in ("accuracy", "wall_s", "cpu_s", "aborted_rounds", "median_round_s")}
+        "cells": {r["name"]: {k: r.get(k) for k in ("accuracy", "wall_s", "cpu_s", "aborted_rounds", "median_round_s",
+                                                     "diverged")}
                   for r in rows},
+        "diverged": _diverged(rows),
         "cells_cpu_s": round(sum(r["cpu_s"] for r in rows), 1),
     }
 
@@ -364,21 +397,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The result line's figures from the cells' rows."""
     matrix = [r for r in rows if not r["backdoor"]]
     backdoor = [r for r in rows if r["backdoor"]]
-    accuracy = _accuracy_table(matrix)
-    clean = accuracy.get("none", {})
-    best = {a: max(row.items(), key=lambda kv: kv[1]) for a, row in accuracy.items()}
+    accuracy, standing = _accuracy_table(matrix), _standing_table(matrix)
+    clean = standing.get("none", {})
+    best = {a: max(row.items(), key=lambda kv: kv[1]) for a, row in standing.items()}
     strong = ("alie", "ipm", "min-max", "sign-flip")
-    fedavg_acc = {a: accuracy[a].get("fedavg") for a in accuracy}
+    fedavg_acc = {a: standing[a].get("fedavg") for a in standing}
     asr = {r["defense"]: round(r["asr"], 4) for r in backdoor}
     bd_acc = {r["defense"]: round(r["accuracy"], 4) for r in backdoor}
-    nb = [d for d in ("norm-bound", "norm-bound+dp") if d in asr]
+    held = {r["defense"] for r in backdoor if not r.get("diverged")}
+    nb = [d for d in ("norm-bound", "norm-bound+dp") if d in asr and d in held]
     return {
         "accuracy": accuracy,
         "backdoor_asr": asr,
         "backdoor_accuracy": bd_acc,
         "clean_cost": {d: round(clean["fedavg"] - v, 4) for d, v in clean.items()} if "fedavg" in clean else {},
         "best_defense": {a: {"defense": d, "accuracy": v} for a, (d, v) in best.items()},
-        "defenses_at_95": {a: sorted(d for d, v in row.items() if v >= 0.95) for a, row in accuracy.items()},
+        "defenses_at_95": {a: sorted(d for d, v in row.items() if v >= 0.95) for a, row in standing.items()},
         "checks": {
             "fedavg_below_80": {a: fedavg_acc.get(a) is not None and fedavg_acc[a] < 0.80 for a in strong},
             "a_defense_at_95": {a: a in best and best[a][1] >= 0.95 for a in strong},
@@ -599,7 +633,7 @@ def _strong_cells(data: Data, tuned: dict[str, Any], quick: bool) -> tuple[list[
 def summarize_strong(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``robustness-strong`` line's figures: accuracies, the best defense per attack and the two checks."""
     accuracy = _accuracy_table(rows)
-    attacked = {a: row for a, row in accuracy.items() if a != "none"}
+    attacked = {a: row for a, row in _standing_table(rows).items() if a != "none"}
     robust = {a: {d: v for d, v in row.items() if d != "fedavg"} for a, row in attacked.items()}
     best = {a: max(row.items(), key=lambda kv: kv[1]) for a, row in robust.items() if row}
     return {

@@ -132,3 +132,24 @@ def test_quick_tune_chooses_the_selection_rules_momentum_without_reading_the_tes
     chosen = line["chosen"]["server_momentum"]
     assert set(chosen) == {"krum"} and line["server_momentum_accuracy"][f"krum@{chosen['krum']}"] == best
     assert "server momentum" in line["rule"]
+
+
+def test_a_cell_whose_training_diverges_is_recorded_and_fails_the_checks(tmp_path) -> None:
+    import argparse
+
+    data = _tiny_data(tmp_path)
+    args = argparse.Namespace(quick=True, data_dir="", out=str(tmp_path / "out"), set=[], workers=1)
+    blown = bench.Cell("strong-sign-flip__fedavg", {"train.lr": 1e30}, "sign-flip", "fedavg")
+    row = bench.run_cell(args, blown, data, tmp_path / "out")  # RunFailed would end the whole benchmark
+    assert row["diverged"].startswith("training diverged in round") and 0.0 <= row["accuracy"] <= 1.0
+    held = {**row, "name": "strong-sign-flip__median", "defense": "median", "accuracy": 0.97, "diverged": None}
+    clean = {**held, "name": "none__fedavg", "attack": "none", "defense": "fedavg", "accuracy": 0.96}
+    blown_median = {**held, "name": "strong-ipm__median", "attack": "ipm", "accuracy": 0.99,
+                    "diverged": "training diverged in round 3: x"}
+    line = bench.summarize_strong([clean, row, held, blown_median])
+    assert line["accuracy"]["sign-flip"]["fedavg"] == round(row["accuracy"], 4)  # the last finite model's
+    assert line["diverged"] == {"strong-sign-flip__fedavg": row["diverged"], "strong-ipm__median": "training "
+                                "diverged in round 3: x"}
+    assert line["checks"]["fedavg_below_80"]["sign-flip"]  # a diverged run counts as the attack's success
+    assert line["best_defense"]["sign-flip"]["defense"] == "median"
+    assert not line["checks"]["a_defense_at_95"]["ipm"] and line["defenses_at_95"]["ipm"] == []
