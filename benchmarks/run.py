@@ -37,13 +37,19 @@ def discover() -> dict[str, object]:
     return found
 
 
+def _git(*args: object) -> str:
+    return subprocess.run(["git", *map(str, args)], cwd=HERE, capture_output=True, text=True, timeout=10,
+                          check=False).stdout.strip()
+
+
 def provenance() -> dict[str, object]:
     """Date, commit and machine of a result line (what makes a figure checkable later)."""
     try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=HERE, capture_output=True, text=True, timeout=10, check=False,
-        ).stdout.strip() or "unknown"
+        commit = _git("describe", "--always", "--abbrev=12") or "unknown"
+        # a benchmark writes its own figures under results/: only a change elsewhere makes the code differ
+        if commit != "unknown" and _git("status", "--porcelain", "--untracked-files=no", "--", HERE.parent,
+                                        f":(exclude){HERE / 'results'}"):
+            commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     try:
