@@ -283,3 +283,23 @@ def test_scaffold_payload_goes_through_secure_aggregation(tmp_path, secure):
     over = [*TINY, "algorithm.name=scaffold", "run.workers=1", "run.rounds=2", "secure.clip=5", *secure]
     result = Experiment(overrides=over).run(run_dir=tmp_path / "run")
     assert all(r["completed_clients"] == 4 and r["aborted"] is None for r in result.rows)
+
+
+def test_noniid_refuses_a_tune_line_of_another_workload(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_noniid.py"
+    spec = importlib.util.spec_from_file_location("bench_noniid", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    old = [w.replace("train.epochs=5", "train.epochs=2") for w in bench.WORKLOAD]
+    lines = [{"chosen_lr": {"fedavg": 0.1}, "config": {"workload": old}, "date": "then"},
+             {"chosen_lr": {"fedavg": 0.05, "scaffold": 0.03}, "config": {"workload": bench.WORKLOAD}}]
+    (tmp_path / "noniid-tune.json").write_text(json.dumps(lines[0]) + "\n")
+    with pytest.raises(SystemExit, match="another workload"):
+        bench._tuned_lr("fedavg")
+    (tmp_path / "noniid-tune.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert bench._tuned_lr("scaffold") == 0.03 and bench._tuned_lr("feddyn") == 0.05
