@@ -216,8 +216,13 @@ ONE_THREAD = {"run.workers": "1", "run.threads": 1, BARE_THREADS: 1}
 REPEATS = "bench.repeats"  # not a config key: how many interleaved repeats a speed benchmark runs
 
 
+def _sets(args: argparse.Namespace) -> dict[str, object]:
+    """The ``--set SECTION.KEY=VALUE`` overrides as a dict (values as given)."""
+    return dict(item.split("=", 1) for item in getattr(args, "set", None) or [])
+
+
 def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, object]) -> dict[str, object]:
-    extra = {**extra, **dict(item.split("=", 1) for item in getattr(args, "set", None) or [])}
+    extra = {**extra, **_sets(args)}
     extra.pop(REPEATS, None)
     if side == "engine":
         extra = {k: v for k, v in extra.items() if k != BARE_THREADS}
@@ -229,8 +234,7 @@ def _spawn(side: str, name: str, args: argparse.Namespace, extra: dict[str, obje
 
 
 def _repeats(args: argparse.Namespace) -> int:
-    sets = dict(item.split("=", 1) for item in getattr(args, "set", None) or [])
-    return int(sets.get(REPEATS, 1 if args.quick else 3))
+    return int(_sets(args).get(REPEATS, 1 if args.quick else 3))
 
 
 def first_round_excess(round_s: list[float], examples: list[int]) -> float:
@@ -361,7 +365,7 @@ def step_benchmark(name: str, args: argparse.Namespace) -> dict[str, object]:
     400 pairs (40 with ``--quick``), ``--set`` overrides applied to the workload."""
     from step_overhead import measure
 
-    extra: dict[str, object] = dict(item.split("=", 1) for item in getattr(args, "set", None) or [])
+    extra = _sets(args)
     pairs = int(extra.pop("bench.pairs", 40 if args.quick else 400))
     return {"name": f"{name}-step", **measure(name, args.data_dir, 0, pairs, extra)}
 
