@@ -335,7 +335,10 @@ def _matrix_cells(data: Data, tuned: dict[str, Any], quick: bool) -> list[Cell]:
     return cells
 
 
-def _heatmap(table: dict[str, dict[str, float]], path: Path, title: str) -> None:
+def _heatmap(
+    table: dict[str, dict[str, float]], path: Path, title: str, diverged: dict[str, str] | None = None
+) -> None:
+    """``table`` as a heatmap; cells named in ``diverged`` (``ATTACK__DEFENSE`` endings) are marked "(div.)"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,7 +352,9 @@ def _heatmap(table: dict[str, dict[str, float]], path: Path, title: str) -> None
     ax.set_yticks(range(len(attacks)), attacks)
     for i in range(len(attacks)):
         for j in range(len(defense_names)):
-            ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=7)
+            stopped = any(name.endswith(f"{attacks[i]}__{defense_names[j]}") for name in diverged or {})
+            ax.text(j, i, f"{values[i, j]:.1f}" + ("\n(div.)" if stopped else ""), ha="center", va="center",
+                    fontsize=7)
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="test accuracy (%)")
     fig.tight_layout()
@@ -436,7 +441,8 @@ def bench_robustness(args: argparse.Namespace) -> dict[str, Any]:
     rows = run_cells(args, cells, data, out)
     figures = summarize(rows)
     heatmap = (out if args.quick else RESULTS) / "robustness.png"
-    _heatmap(figures["accuracy"], heatmap, "test accuracy under attack (MNIST, CNN-S, 50 clients, 10 Byzantine)")
+    _heatmap(figures["accuracy"], heatmap, "test accuracy under attack (MNIST, CNN-S, 50 clients, 10 Byzantine)",
+             figures["diverged"])
     figures.update({
         "heatmap": str(heatmap.relative_to(HERE.parent) if heatmap.is_relative_to(HERE.parent) else heatmap),
         "tuned": tuned,
@@ -661,7 +667,7 @@ def bench_strong(args: argparse.Namespace) -> dict[str, Any]:
     heatmap = (out if args.quick else RESULTS) / "robustness-strong.png"
     table = {a: row for a, row in figures["accuracy"].items() if a != "none"}
     _heatmap(table, heatmap, "test accuracy under attacks that overpower the mean (MNIST, CNN-S, 50 clients, 10 "
-                             "Byzantine)")
+                             "Byzantine)", figures["diverged"])
     n, f = (12, 2) if args.quick else (int(WORKLOAD["data.num_clients"]), BYZANTINE)
     figures.update({
         "strength": {a: {k: v for k, v in over.items() if k != "attack.name"} for a, over in attacks.items()},
