@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from fedguard.algorithms.local_sgd import LocalSGD, ShuffledEpochs
@@ -18,6 +17,7 @@ from fedguard.core.communicator import client_generator
 from fedguard.core.pipeline import ConfigurationError
 from fedguard.core.types import Params
 from fedguard.data.arrays import ArrayDataset
+from fedguard.data.files import EXAMPLE_FILE_SUFFIXES, load_examples
 from fedguard.tasks.base import Task
 
 from .defenses import FLTrust
@@ -25,19 +25,9 @@ from .defenses import FLTrust
 
 def load_root_data(path: str | Path) -> ArrayDataset:
     """Examples from ``.npz`` (arrays ``x``, ``y``; no pickle) or ``.safetensors``; uint8 pixels scaled to [0, 1]."""
-    path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as arrays:
-            x, y = torch.from_numpy(arrays["x"].copy()), torch.from_numpy(arrays["y"].copy())
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        x, y = tensors["x"], tensors["y"]
-    else:
+    if Path(path).suffix not in EXAMPLE_FILE_SUFFIXES:
         raise ConfigurationError(f"robust.root_data={path}: use an .npz or .safetensors file with arrays x and y")
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    return ArrayDataset(x.unsqueeze(1) if x.dim() == 3 else x, y.long(), "fltrust-root")
+    return load_examples(path, "fltrust-root")
 
 
 def save_root_data(data: ArrayDataset, path: str | Path) -> Path:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 import tomllib
 import torch
 
@@ -93,24 +92,11 @@ def load_local_data(path: str | Path) -> Any:
 
     ``x`` is (N, H, W), (N, C, H, W) or (N, features); uint8 pixels are scaled to [0, 1].
     """
-    from fedguard.data.arrays import ArrayDataset
+    from fedguard.data.files import EXAMPLE_FILE_SUFFIXES, load_examples
 
-    path = Path(path)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as arrays:
-            x, y = torch.from_numpy(arrays["x"].copy()), torch.from_numpy(arrays["y"].copy())
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        x, y = tensors["x"], tensors["y"]
-    else:
+    if Path(path).suffix not in EXAMPLE_FILE_SUFFIXES:
         raise ClientSetupError(f"--data {path}: use an .npz or .safetensors file with arrays x and y")
-    if x.dtype == torch.uint8:
-        x = x.float() / 255.0
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return ArrayDataset(x.float(), y.long(), path.stem)
+    return load_examples(path)
 
 
 def _comparable(config: Any) -> dict[str, Any]:
