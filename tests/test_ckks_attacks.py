@@ -17,9 +17,9 @@ from test_secure_pipeline import SMALL, aggregate_once
 from fedguard import Experiment
 from fedguard.engine import Server
 from fedguard.messages import Message
-from fedguard.runtime.base import Exchange
 from fedguard.runtime.simulation import SerialCommunicator
 from fedguard.runtime.state_store import MemoryStateStore
+from fedguard.secure.attacks import Wiretap
 from fedguard.secure.ckks import (
     CKKSEncryptor,
     CKKSKeyHolder,
@@ -32,31 +32,10 @@ from fedguard.secure.ckks_attack import recover_secret_key
 from fedguard.secure.protocol import from_message, tensor_bytes, to_message
 
 
-class Wiretap:
-    """The server's communicator, seeing requests and replies; ``tamper`` may rewrite replies."""
-
-    def __init__(self, inner: SerialCommunicator, tamper=None) -> None:
-        self.inner, self.tamper = inner, tamper
-        self.traffic = inner.traffic
-        self.requests: list[Message] = []
-        self.replies: list[Message] = []
-
-    def exchange(self, messages: dict[int, Message]) -> Exchange:
-        self.requests.extend(messages.values())
-        ex = self.inner.exchange(messages)
-        if self.tamper is not None:
-            ex.replies = {cid: self.tamper(msg) for cid, msg in ex.replies.items()}
-        self.replies.extend(ex.replies.values())
-        return ex
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def ckks_server(*overrides: str, tamper=None) -> tuple[Server, Wiretap, MemoryStateStore]:
     setup = Experiment(overrides=[*SMALL, "secure.mode=ckks", *overrides], log=lambda s: None).assemble()
     store = MemoryStateStore()
-    comm = Wiretap(SerialCommunicator(lambda cid: setup.make_client(cid, store)), tamper)
+    comm = Wiretap(SerialCommunicator(lambda cid: setup.make_client(cid, store)), reply=tamper)
     server = Server(setup.task, setup.model, setup.pipeline, setup.sampler, comm, setup.test, 0, 1, lambda s: None)
     return server, comm, store
 

@@ -11,10 +11,11 @@ from fedguard.builders import PipelineParts
 from fedguard.engine import Server
 from fedguard.messages import Message
 from fedguard.pipeline.base import Aggregator, ClientContext, ServerContext
-from fedguard.runtime.base import Exchange, FaultModel
+from fedguard.runtime.base import FaultModel
 from fedguard.runtime.simulation import SerialCommunicator
 from fedguard.runtime.state_store import MemoryStateStore
 from fedguard.secure import CKKSError, CKKSKeyHolder, MaskedInput, WireError
+from fedguard.secure.attacks import Wiretap
 from fedguard.secure.ckks_aggregator import CKKSAggregator, CKKSSettings
 from fedguard.secure.protocol import bytes_tensor, from_json, from_message, to_json, to_message
 from fedguard.secure.register import _secure_hook
@@ -27,30 +28,6 @@ SMALL = [
     "data.num_clients=6",
     "train.batch_size=32",
 ]
-
-
-class Recorder:
-    """A communicator wrapper that keeps every request and reply and may alter them (the server's
-    view, or an adversary on it: ``request`` rewrites what the server sends, ``tamper`` the replies)."""
-
-    def __init__(self, inner: SerialCommunicator, tamper=None, request=None) -> None:
-        self.inner, self.tamper, self.request = inner, tamper, request
-        self.traffic = inner.traffic
-        self.requests: list[Message] = []
-        self.replies: list[Message] = []
-
-    def exchange(self, messages: dict[int, Message]) -> Exchange:
-        if self.request is not None:
-            messages = {cid: self.request(msg) for cid, msg in messages.items()}
-        self.requests.extend(messages.values())
-        ex = self.inner.exchange(messages)
-        if self.tamper is not None:
-            ex.replies = {cid: self.tamper(msg) for cid, msg in ex.replies.items()}
-        self.replies.extend(ex.replies.values())
-        return ex
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 class RoundFaults(FaultModel):
@@ -68,7 +45,7 @@ def make_server(*overrides: str, faults: FaultModel | None = None, tamper=None):
     """An engine server over in-process clients (one shared state store), and its recorder."""
     setup = Experiment(overrides=[*SMALL, *overrides], log=lambda s: None).assemble()
     store = MemoryStateStore()
-    comm = Recorder(SerialCommunicator(lambda cid: setup.make_client(cid, store), faults), tamper)
+    comm = Wiretap(SerialCommunicator(lambda cid: setup.make_client(cid, store), faults), reply=tamper)
     server = Server(setup.task, setup.model, setup.pipeline, setup.sampler, comm, setup.test, 0, 1, lambda s: None)
     return server, comm, store
 

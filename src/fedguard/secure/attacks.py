@@ -77,7 +77,7 @@ class ScenarioResult:
                 "hostile_messages": self.hostile_messages, **self.figures}
 
 
-class _Wiretap:
+class Wiretap:
     """The server's communicator with an adversary on it: it sees every request and reply and may
     rewrite requests (an active server) or replies (hostile clients, a lying key holder)."""
 
@@ -112,7 +112,7 @@ def _server(
 
     setup = Experiment(overrides=[*SMALL, *overrides], log=lambda s: None).assemble()
     store = MemoryStateStore()
-    comm = _Wiretap(SerialCommunicator(lambda cid: setup.make_client(cid, store)), request, reply)
+    comm = Wiretap(SerialCommunicator(lambda cid: setup.make_client(cid, store)), request, reply)
     server = Server(setup.task, setup.model, setup.pipeline, setup.sampler, comm, setup.test, 0, 1, lambda s: None)
     return server, comm, store
 
