@@ -4,8 +4,11 @@ Each case runs a tiny 2-round experiment and compares the SHA-256 of the final g
 with the value recorded on main before the algorithm contract (issue 15) replaced the
 hard-coded FedAvg round. A change in any of these hashes means a refactor changed the numbers;
 if a change is *intended* (a new default, a fixed bug), say so in the commit and record the new
-hash. The values hold for torch 2.13.0 on CPU with one thread per client (float results of
-convolutions may differ on another torch version or CPU).
+hash. The values hold for torch 2.13.0 on CPU with one thread per client. Float kernels (oneDNN, MKL)
+differ between CPUs, so the hashes are recorded per CPU (:data:`BY_CPU`, keyed by :func:`cpu_signature`):
+on a recorded CPU the model must match exactly; elsewhere it must match a hash recorded on some CPU, and a
+model matching none on a CPU with nothing recorded is skipped with the command that records it, since no
+reference exists to tell a new CPU from a changed number.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +91,42 @@ CASES: dict[str, tuple[list[str], str]] = {
 }
 
 
+#: the same cases' hashes on other CPUs, by :func:`cpu_signature` (``CASES`` holds the first machine's, whose
+#: signature was not recorded). 2026-12-04: 173e689 itself gives these on an AMD EPYC with AVX-512, and so does
+#: main at 3e858af, so they are the recorded models on that CPU, not a change of numbers.
+BY_CPU: dict[str, dict[str, str]] = {
+    "AuthenticAMD/AVX512": {
+        "dp-client": "eda3802ec0a53dd0d5c10e9f896c26dfa64ca6f277bbeff8e1c52250c14618c7",
+        "dpsgd": "a8fceae6d5d19633f41e05fffc1c5c002b3d2f6f8f1cd1bb14aab8d51c4131a5",
+        "fedadam-cosine": "95b15d4855b51ada2f9143a4e3f59bedeb948346f7cd1c9c2d302b798ff0e18c",
+        "fedavg": "1b1daf983529b5b7799183c42c4893905e3b0b03c9f7fa7f4e1de68e2d0eefac",
+        "fedprox": "446b566c3df01b0cea1e35d2d5a63dca7fda4cfdb897efce2958d9d4ce12651f",
+        "mae-adam": "cb032b09ea25183b6e9e1cee0c45536f80d20b60af0ce8c14ae8235296964871",
+        "median": "d42d82f7edf70c25506716e593c7bf9736f4aa41b7f5b29eff5df6f6f79f47ad",
+        "secagg": "8f01f075a208cfc6187c46fd0214a5899429786936294f2da9500ed88a7298ee",
+        "vae-adam": "167e76a9b78a246f6bf0128a38df3f04a0c2c143bae2ab93bb7bf62bfe0411b0",
+    },
+}
+
+
+def cpu_signature() -> str:
+    """The CPU's vendor and the kernels torch dispatches to on it, e.g. ``AuthenticAMD/AVX512``."""
+    vendor = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    return f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
+
+
+def recorded(name: str) -> tuple[str | None, set[str]]:
+    """This CPU's recorded hash of case ``name`` (None if none is) and the hashes recorded on any CPU."""
+    every = {CASES[name][1], *(cases[name] for cases in BY_CPU.values() if name in cases)}
+    return BY_CPU.get(cpu_signature(), {}).get(name), every
+
+
 def model_hash(params: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the tensors' names, dtypes, shapes and bytes, in name order."""
     h = hashlib.sha256()
@@ -124,5 +165,15 @@ def run_case(name: str, tmp_path) -> str:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_same_seed_gives_the_recorded_model(name, tmp_path):
-    expected = CASES[name][1]
-    assert run_case(name, tmp_path) == expected, f"{name}: the model changed bit for bit (see this file's docstring)"
+    mine, every = recorded(name)
+    got = run_case(name, tmp_path)
+    if mine is not None:
+        assert got == mine, f"{name}: the model changed bit for bit on {cpu_signature()} (see this file's docstring)"
+    elif got not in every:
+        pytest.skip(f"{name}: no model recorded for CPU {cpu_signature()} and it matches none recorded elsewhere; "
+                    f"check out the recording commit, run this case and add its hash to BY_CPU")
+
+
+def test_every_cpu_records_every_case():
+    for signature, cases in BY_CPU.items():
+        assert set(cases) == set(CASES), signature
