@@ -21,7 +21,10 @@ at low participation (NIID-Bench, Li et al. 2022, reports SCAFFOLD failing on so
 At 5 local epochs (the present workload, line of 2026-12-04) SCAFFOLD reaches 95% on the test subset in 18
 rounds on Dirichlet 0.1 against FedAvg's 24, and ties FedAvg on shards (33 and 33; on validation 24 and 27), where
 it is steadier after round 33 (95.9% against 95.2% at the end). The issue's shards target (fewer rounds than
-FedAvg) is therefore not met. At 2 local epochs (2026-12-03) it was not met by a wider margin:
+FedAvg) is therefore not met. More local epochs do not widen SCAFFOLD's lead: a validation probe at 10 epochs
+(2026-12-04, shards, 30 rounds, the tune's data) gave FedAvg (lr 0.1) 15 rounds to 95% and SCAFFOLD (lr 0.05) 17;
+near 95% both curves move 1-3 points from round to round, so one seed's first round at 95% differs by a few
+rounds either way. At 2 local epochs (2026-12-03) the target was missed by a wider margin:
 
 SCAFFOLD did not beat FedAvg at 2 epochs, and not for a bug (2026-12-03): the implementation was checked round by
 round against Karimireddy et al.'s Algorithm 1 (tests/test_scaffold_round.py: K this client's own steps,
