@@ -10,6 +10,7 @@ it as one refusal line and count it. Without :func:`install` nothing changes.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from collections.abc import Callable
@@ -93,5 +94,20 @@ def install() -> bool:
     read_fd, write_fd = os.pipe()
     os.dup2(write_fd, 2)
     os.close(write_fd)
-    threading.Thread(target=_pump, args=(read_fd, out_fd), name="fedguard-tls-log", daemon=True).start()
+    pump = threading.Thread(target=_pump, args=(read_fd, out_fd), name="fedguard-tls-log", daemon=True)
+    pump.start()
+    atexit.register(_drain, pump, out_fd)
     return True
+
+
+def _drain(pump: threading.Thread, out_fd: int, timeout: float = 5.0) -> None:
+    """At exit, put the real stderr back under fd 2 (closing the pipe's last writer) and let the pump copy
+    what is left: without this, lines written just before exit (why a run failed) die with the daemon thread."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os.dup2(out_fd, 2)
+    pump.join(timeout)
