@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,11 @@ MONITOR = 2000
 VALIDATION = (55000, 60000)
 TUNE_ALGORITHMS = ("fedavg", "scaffold")
 TUNE_LRS = (0.03, 0.05, 0.1)
+#: the tune's second stage (``noniid-tune-server``): the server learning rate (eta_g of Karimireddy et al.'s
+#: Algorithm 1) at each algorithm's chosen local rate, over seeds, each run ``TUNE_SERVER_ROUNDS`` rounds
+TUNE_SERVER_LRS = (1.0, 1.5)
+TUNE_SEEDS = (0, 1, 2)
+TUNE_SERVER_ROUNDS = 35
 TARGET = 0.95
 #: rounds over which the sampled clients' own-split accuracies are averaged
 LAST = 10
@@ -177,8 +183,8 @@ def load_splits(args: argparse.Namespace) -> tuple[ArrayDataset, ArrayDataset, A
 
 def run_one(split: str, name: str, args: argparse.Namespace,
             data: tuple[ArrayDataset, ArrayDataset, ArrayDataset], lr: float | None = None,
-            folder: str = "noniid") -> tuple[dict[str, Any], list[float]]:
-    """One run: its figures and its per-round accuracy curve on the monitored subset."""
+            folder: str = "noniid", extra: Sequence[str] = ()) -> tuple[dict[str, Any], list[float]]:
+    """One run: its figures and its per-round accuracy curve on the monitored subset (``extra``: more overrides)."""
     overrides = [*WORKLOAD, f"data.data_dir={args.data_dir}", *SPLITS[split], *ALGORITHMS[name]]
     if name not in PERSONALISED:
         overrides += GLOBAL_ONLY
@@ -186,7 +192,7 @@ def run_one(split: str, name: str, args: argparse.Namespace,
         overrides += QUICK
     if lr is not None:
         overrides.append(f"train.lr={lr}")
-    overrides += list(args.set)
+    overrides += [*extra, *args.set]
     out = Path(args.out) / folder / split / name / (f"lr-{lr}" if lr is not None else "")
     train, monitor, test = data
     experiment = Experiment(overrides=overrides, train=train, test=monitor, quiet=True)
@@ -253,17 +259,88 @@ def noniid_tune(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _tuned_lr(name: str) -> float | None:
-    """The tune's learning rate for ``name`` (FedAvg's for the FedAvg-like algorithms); None without a tune."""
-    path = RESULTS / "noniid-tune.json"
+def _last_tune_line(file: str, then: str) -> dict[str, Any] | None:
+    """The last line of a tune's results file, refused when it was chosen for another workload; None without one."""
+    path = RESULTS / file
     if not path.exists():
         return None
     line = json.loads(path.read_text().strip().splitlines()[-1])
     if line.get("config", {}).get("workload") != WORKLOAD:
         raise SystemExit(f"the last line of {path} chose the rates for another workload ({line.get('date')}); "
-                         f"run `python benchmarks/run.py noniid-tune` first and append its line")
+                         f"run `python benchmarks/run.py {then}` first and append its line")
+    return line
+
+
+def _tuned_lr(name: str) -> float | None:
+    """The tune's learning rate for ``name`` (FedAvg's for the FedAvg-like algorithms); None without a tune."""
+    line = _last_tune_line("noniid-tune.json", "noniid-tune")
+    if line is None:
+        return None
     chosen = line["chosen_lr"]
     return chosen.get(name, chosen.get("fedavg"))
+
+
+def _tuned_server_lr(name: str) -> float | None:
+    """The second stage's server learning rate for ``name`` (FedAvg's for the FedAvg-like algorithms); None
+    without one. Refused when it was chosen at local rates other than the present tune's."""
+    line = _last_tune_line("noniid-tune-server.json", "noniid-tune-server")
+    if line is None:
+        return None
+    local = {algorithm: _tuned_lr(algorithm) for algorithm in line["local_lr"]}
+    if local != line["local_lr"]:
+        raise SystemExit(f"the server rates of {RESULTS / 'noniid-tune-server.json'} were chosen at local rates "
+                         f"{line['local_lr']}, the tune now chooses {local}: run `python benchmarks/run.py "
+                         f"noniid-tune-server` again and append its line")
+    chosen = line["chosen_server_lr"]
+    return chosen.get(name, chosen.get("fedavg"))
+
+
+def seed_summary(by_seed: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """Mean rounds to the target over seeds (a seed that never reaches it counts ``rounds + 1``) and mean final
+    validation accuracy."""
+    reached = [f["rounds_to_95"] for f in by_seed.values()]
+    return {
+        "mean_rounds_to_95": sum(rounds + 1 if r is None else r for r in reached) / len(reached),
+        "never": sum(r is None for r in reached),
+        "mean_accuracy": sum(float(f["accuracy"]) for f in by_seed.values()) / len(by_seed),
+    }
+
+
+def choose_server_lr(by_server_lr: dict[str, dict[str, Any]]) -> float:
+    """The fewest mean rounds to the target, then the higher mean final accuracy."""
+    return float(min(by_server_lr, key=lambda s: (by_server_lr[s]["mean_rounds_to_95"],
+                                                  -by_server_lr[s]["mean_accuracy"])))
+
+
+def noniid_tune_server(args: argparse.Namespace) -> dict[str, Any]:
+    """The server learning rate of FedAvg and of SCAFFOLD at their tuned local rates, over seeds (validation)."""
+    data = validation_splits(args)
+    local = {name: None if args.quick else _tuned_lr(name) for name in TUNE_ALGORITHMS}
+    seeds = TUNE_SEEDS[:2] if args.quick else TUNE_SEEDS
+    rounds = [] if args.quick else [f"run.rounds={TUNE_SERVER_ROUNDS}"]
+    limit = 3 if args.quick else TUNE_SERVER_ROUNDS
+    runs: dict[str, dict[str, Any]] = {}
+    for name in TUNE_ALGORITHMS:
+        runs[name] = {}
+        for server_lr in TUNE_SERVER_LRS:
+            by_seed = {
+                str(seed): run_one("shards", name, args, data, local[name],
+                                   f"noniid-tune-server/server-lr-{server_lr}/seed-{seed}",
+                                   [f"server.lr={server_lr}", f"run.seed={seed}", *rounds])[0]
+                for seed in seeds
+            }
+            runs[name][str(server_lr)] = {**seed_summary(by_seed, limit), "seeds": by_seed}
+    return {
+        "chosen_server_lr": {name: choose_server_lr(by_server_lr) for name, by_server_lr in runs.items()},
+        "local_lr": local,
+        "rule": "per algorithm, the fewest mean rounds to 95% on 2,000 validation images over the seeds (a seed "
+                "that never reaches it counts rounds + 1), then the higher mean final accuracy on the 5,000-image "
+                "validation block; FedProx, FedDyn, Ditto and FedPer take FedAvg's",
+        "runs": runs,
+        "validation": list(VALIDATION),
+        "config": {"workload": WORKLOAD + (QUICK if args.quick else []), "server_lrs": TUNE_SERVER_LRS,
+                   "seeds": list(seeds), "rounds": limit, "split": "shards"},
+    }
 
 
 def noniid(args: argparse.Namespace) -> dict[str, Any]:
@@ -272,24 +349,27 @@ def noniid(args: argparse.Namespace) -> dict[str, Any]:
     curves: dict[str, dict[str, list[float]]] = {}
     data = load_splits(args)
     lrs = {name: None if args.quick else _tuned_lr(name) for name in ALGORITHMS}
+    server_lrs = {name: None if args.quick else _tuned_server_lr(name) for name in ALGORITHMS}
     for split in SPLITS:
         results[split], curves[split] = {}, {}
         for name in ALGORITHMS:
-            results[split][name], curves[split][name] = run_one(split, name, args, data, lrs[name])
+            server = [] if server_lrs[name] is None else [f"server.lr={server_lrs[name]}"]
+            results[split][name], curves[split][name] = run_one(split, name, args, data, lrs[name], extra=server)
     picture = (Path(args.out) / "noniid" if args.quick else RESULTS) / "noniid.png"
     plot(curves, picture)
     return {
         "results": results,
         "curves": curves,
         "plot": str(picture.relative_to(HERE.parent)) if picture.is_relative_to(HERE.parent) else str(picture),
-        "validation_selected": all(lr is not None for lr in lrs.values()),
+        "validation_selected": all(lr is not None for lr in [*lrs.values(), *server_lrs.values()]),
         "lr": lrs,
+        "server_lr": server_lrs,
         "config": {"workload": WORKLOAD + (QUICK if args.quick else []), "splits": SPLITS, "algorithms": ALGORITHMS,
                    "target": TARGET, "personalized_over_last_rounds": LAST, "overrides": list(args.set)},
     }
 
 
-BENCHMARKS = {"noniid": noniid, "noniid-tune": noniid_tune}
+BENCHMARKS = {"noniid": noniid, "noniid-tune": noniid_tune, "noniid-tune-server": noniid_tune_server}
 
 if __name__ == "__main__":
     print(json.dumps(noniid(argparse.Namespace(quick=True, data_dir="", out="bench-out", set=[]))))
