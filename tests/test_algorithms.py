@@ -227,24 +227,6 @@ def test_registry_serves_every_configured_name():
     assert sorted(ALGORITHM_BUILDERS) == sorted(ALGORITHMS)
 
 
-def test_noniid_benchmark_figures():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_noniid.py"
-    spec = importlib.util.spec_from_file_location("bench_noniid", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = [{"round": r, "test_accuracy": a, "clients_test_personalized_accuracy": p, "clients_test_accuracy": g}
-            for r, a, p, g in [(1, 0.5, 0.6, 0.4), (2, 0.96, 0.8, 0.6), (3, 0.97, 1.0, 0.8)]]
-    assert bench.summarise("fedavg", rows) == {"rounds_to_95": 2, "accuracy": 0.97}
-    ditto = bench.summarise("ditto", rows)
-    assert ditto["personalized_accuracy"] == pytest.approx(0.8)
-    assert ditto["clients_global_accuracy"] == pytest.approx(0.6)
-    assert bench.summarise("scaffold", rows[:1])["rounds_to_95"] is None
-    assert sorted(bench.ALGORITHMS) == sorted(["fedavg", "fedprox", "scaffold", "feddyn", "ditto", "fedper"])
-
-
 def test_pipeline_hooks_apply_in_the_stated_order_whatever_the_import_order():
     from fedguard import builders
 
@@ -283,23 +265,3 @@ def test_scaffold_payload_goes_through_secure_aggregation(tmp_path, secure):
     over = [*TINY, "algorithm.name=scaffold", "run.workers=1", "run.rounds=2", "secure.clip=5", *secure]
     result = Experiment(overrides=over).run(run_dir=tmp_path / "run")
     assert all(r["completed_clients"] == 4 and r["aborted"] is None for r in result.rows)
-
-
-def test_noniid_refuses_a_tune_line_of_another_workload(tmp_path, monkeypatch):
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_noniid.py"
-    spec = importlib.util.spec_from_file_location("bench_noniid", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    old = [w.replace("train.epochs=5", "train.epochs=2") for w in bench.WORKLOAD]
-    lines = [{"chosen_lr": {"fedavg": 0.1}, "config": {"workload": old}, "date": "then"},
-             {"chosen_lr": {"fedavg": 0.05, "scaffold": 0.03}, "config": {"workload": bench.WORKLOAD}}]
-    (tmp_path / "noniid-tune.json").write_text(json.dumps(lines[0]) + "\n")
-    with pytest.raises(SystemExit, match="another workload"):
-        bench._tuned_lr("fedavg")
-    (tmp_path / "noniid-tune.json").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    assert bench._tuned_lr("scaffold") == 0.03 and bench._tuned_lr("feddyn") == 0.05
