@@ -18,6 +18,24 @@ FedAvg's rate. Why: at the usual 0.1, a probe of SCAFFOLD (10 of 100 clients a r
 diverged after round 36 on shards (accuracy back to 10%), a known instability of its control variates
 at low participation (NIID-Bench, Li et al. 2022, reports SCAFFOLD failing on some label-skewed splits).
 
+The server learning rate (eta_g of Karimireddy et al.'s Algorithm 1, ``server.lr``) is the tune's second
+stage, ``noniid-tune-server`` (run it after ``noniid-tune``; ``noniid`` reads
+results/noniid/noniid-tune-server.json and refuses a line chosen at other local rates): FedAvg and SCAFFOLD
+each at 1.0 and 1.5, at their chosen local rates, on the same validation data, seeds 0, 1 and 2, 35 rounds;
+the rate with the fewest mean rounds to 95% wins. FedProx, FedDyn, Ditto and FedPer take FedAvg's. Why a
+second stage and why over seeds: one seed's first round at 95% moves by a few rounds either way (the
+curves swing 1-3 points a round near 95%), and with eta_g = 1 SCAFFOLD and FedAvg tied over three seeds
+(below). A probe before the stage (2026-12-04, validation only, shards, 35 rounds, the tune's local
+rates; 32 runs at once on the 16 CPU cores of a lent GPU machine at commit 28e0d3e, one thread each; its
+lines are results/noniid/server-lr-probe-2026-12-04.jsonl) gave the mean rounds to 95%: FedAvg 22.1
+(eta_g 1.0, seeds 0-7), 22.8 (1.5, seeds 0-3), 27.5 (2.0, seeds 0-3); SCAFFOLD 23.3 (1.0, seeds 0-3),
+**17.9** (1.5, seeds 0-7: 21, 18, 17, 22, 19, 16, 17, 13; one seed ended at 88.5%), 19.3 (2.0, seeds 0-3).
+So the grid is 1.0 and 1.5 (2.0 was worse for both). The stage's own line (this machine, seeds 0-2) chose
+1.5 for both: FedAvg 23.3 -> 18.3 mean rounds (27 / 20 / 23 -> 21 / 11 / 23), SCAFFOLD 23.7 -> 19.3
+(24 / 26 / 21 -> 21 / 20 / 17). The same seed gives different rounds on the two machines (FedAvg at 1.5,
+seed 1: 25 there, 11 here): their CPUs' float kernels differ and the runs drift apart, another measure of
+how noisy one seed's figure is.
+
 At 5 local epochs (the present workload, line of 2026-12-04) SCAFFOLD reaches 95% on the test subset in 18
 rounds on Dirichlet 0.1 against FedAvg's 24, and ties FedAvg on shards (33 and 33; on validation 24 and 27), where
 it is steadier after round 33 (95.9% against 95.2% at the end). The issue's shards target (fewer rounds than
