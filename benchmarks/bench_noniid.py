@@ -36,7 +36,17 @@ So the grid is 1.0 and 1.5 (2.0 was worse for both). The stage's own line (this 
 seed 1: 25 there, 11 here): their CPUs' float kernels differ and the runs drift apart, another measure of
 how noisy one seed's figure is.
 
-At 5 local epochs (the present workload, line of 2026-12-04) SCAFFOLD reaches 95% on the test subset in 18
+The present line (2026-12-04, server lr 1.5 for every algorithm from the second stage): SCAFFOLD, FedAvg and
+FedProx all reach 95% on the test subset in round 27 on shards and round 25 on Dirichlet 0.1; FedDyn in 19 and
+14. So the issue's shards target (SCAFFOLD in fewer rounds than FedAvg) is not met, at either server rate. At
+1.5 SCAFFOLD also loses the Dirichlet lead it had at 1.0 (below) and dips twice there (17% at round 32, 39% at
+round 42; 95.2% at the end against FedAvg's 96.5%): the rate was chosen on shards and is not re-chosen per
+split. What the measurements say, over all of them: on MNIST shards at 10% participation, SCAFFOLD and FedAvg
+reach 95% within a round or two of each other on average, less than one seed's spread, and no setting tried
+(local rate, server rate, 2, 5 or 10 local epochs, option I or II) shows a lead that a single-seed test line
+could be expected to reproduce. The line at server lr 1.0 is results/noniid/noniid-2026-12-04-server-lr-1.json.
+
+At 5 local epochs and server lr 1.0 (line of 2026-12-04, kept) SCAFFOLD reaches 95% on the test subset in 18
 rounds on Dirichlet 0.1 against FedAvg's 24, and ties FedAvg on shards (33 and 33; on validation 24 and 27), where
 it is steadier after round 33 (95.9% against 95.2% at the end). The issue's shards target (fewer rounds than
 FedAvg) is therefore not met. More local epochs do not widen SCAFFOLD's lead: a validation probe at 10 epochs
