@@ -168,12 +168,13 @@ WORKLOAD = [
     "run.seed=0",
 ]
 #: --quick: the embedded MNIST subset, 20 clients, 3 rounds of 3 local steps (what CI and the test run)
+QUICK_ROUNDS = 3
 QUICK = [
     "data.dataset=mnist-5k",
     "data.num_clients=20",
     "server.clients_per_round=4",
     "train.max_steps=3",
-    "run.rounds=3",
+    f"run.rounds={QUICK_ROUNDS}",
     "run.workers=1",
     "run.threads=1",
 ]
@@ -345,8 +346,7 @@ def noniid_tune_server(args: argparse.Namespace) -> dict[str, Any]:
     data = validation_splits(args)
     local = {name: None if args.quick else _tuned_lr(name) for name in TUNE_ALGORITHMS}
     seeds = TUNE_SEEDS[:2] if args.quick else TUNE_SEEDS
-    rounds = [] if args.quick else [f"run.rounds={TUNE_SERVER_ROUNDS}"]
-    limit = 3 if args.quick else TUNE_SERVER_ROUNDS
+    limit = QUICK_ROUNDS if args.quick else TUNE_SERVER_ROUNDS
     runs: dict[str, dict[str, Any]] = {}
     for name in TUNE_ALGORITHMS:
         runs[name] = {}
@@ -354,7 +354,7 @@ def noniid_tune_server(args: argparse.Namespace) -> dict[str, Any]:
             by_seed = {
                 str(seed): run_one("shards", name, args, data, local[name],
                                    f"noniid-tune-server/server-lr-{server_lr}/seed-{seed}",
-                                   [f"server.lr={server_lr}", f"run.seed={seed}", *rounds])[0]
+                                   [f"server.lr={server_lr}", f"run.seed={seed}", f"run.rounds={limit}"])[0]
                 for seed in seeds
             }
             runs[name][str(server_lr)] = {**seed_summary(by_seed, limit), "seeds": by_seed}
